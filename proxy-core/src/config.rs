@@ -1,0 +1,537 @@
+//! What a session needs to know, as plain data: where to send requests, how long to wait, how
+//! much to accept, and how to rewrite heads. The CLI builds one from flags and TOML; an embedder
+//! builds one in code. A session keeps the `Arc<Config>` it started with, so a reload never
+//! changes the rules under a live connection.
+//!
+//! # Defaults
+//!
+//! Every timeout and limit, with the nginx or HAProxy directive it corresponds to. A zero
+//! duration disables that timer.
+//!
+//! | field | default | like | meaning |
+//! |---|---|---|---|
+//! | `timeouts.request_head` | 60 s | `client_header_timeout` | total time to receive a request head, from its first byte (or from accept, for the first request) |
+//! | `timeouts.keep_alive` | 75 s | `keepalive_timeout` | idle time allowed between requests on a client connection |
+//! | `timeouts.client_body` | 60 s | `client_body_timeout` | time between two reads of a request body |
+//! | `timeouts.connect` | 60 s | `proxy_connect_timeout` | time to establish the upstream connection → 504 |
+//! | `timeouts.read` | 60 s | `proxy_read_timeout` | time to the response head, and between two reads of the response body → 504 / close |
+//! | `timeouts.send` | 60 s | `send_timeout` / `proxy_send_timeout` | time a side may leave written bytes unaccepted |
+//! | `timeouts.tunnel_idle` | 1 h | HAProxy `timeout tunnel` | no byte in either direction of an upgraded connection |
+//! | `timeouts.tunnel_lifetime` | off | — | absolute lifetime of a tunnel |
+//! | `timeouts.fin` | 30 s | HAProxy `timeout client-fin` | a half-closed tunnel waits this long for the other direction |
+//! | `timeouts.linger` | 5 s | `lingering_timeout` | after a final response, how long unread client bytes are drained before close |
+//! | `limits.max_head` | 32 KiB | `large_client_header_buffers` | request/response head size → 431 / 502 |
+//! | `limits.max_headers` | 100 | — | header field count → 431 / 502 |
+//! | `limits.max_uri` | 8 KiB | — | request-target length → 414 |
+//! | `limits.max_body` | 1 MiB | `client_max_body_size` | request body size, 0 = unlimited → 413 |
+//! | `limits.max_held` | 64 KiB | — | client bytes held while the upstream has not answered (pipelining, might-switch) |
+//! | `limits.queue` | 64 KiB | — | unacknowledged bytes per direction before the source stops being read |
+//! | `limits.max_requests` | 1000 | `keepalive_requests` | requests per client connection |
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Everything a [`Session`](crate::Session) needs. Build with [`Config::new`] and adjust fields;
+/// check with [`Config::validate`] before use.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The peers requests are sent to. Later releases route among several groups; today there
+    /// is one.
+    pub upstream: UpstreamGroup,
+    /// Timeouts (see the module table).
+    pub timeouts: Timeouts,
+    /// Size and count limits (see the module table).
+    pub limits: Limits,
+    /// Which `Host` the upstream receives.
+    pub host: HostPolicy,
+    /// Extra header edits applied to every forwarded request, in order, after hop-by-hop removal
+    /// and before the proxy's own `X-Forwarded-*` headers.
+    pub headers: Vec<HeaderRule>,
+    /// Clients whose `X-Forwarded-*` headers are believed and extended rather than replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Upgrade protocols that may be tunnelled (lower-case tokens). `h2c` is never accepted.
+    pub upgrade_protocols: Vec<String>,
+    /// Verify `Sec-WebSocket-Accept` on websocket `101`s (on by default).
+    pub check_websocket_accept: bool,
+}
+
+impl Config {
+    /// A configuration sending everything to `upstream`, with every other field at its default.
+    pub fn new(upstream: UpstreamGroup) -> Self {
+        Config {
+            upstream,
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            host: HostPolicy::default(),
+            headers: Vec::new(),
+            trusted_proxies: Vec::new(),
+            upgrade_protocols: vec!["websocket".to_owned()],
+            check_websocket_accept: true,
+        }
+    }
+
+    /// Checks the invariants the session relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.peers.is_empty() {
+            return Err(ConfigError::new("upstream", "at least one peer"));
+        }
+        let l = &self.limits;
+        if l.max_head < 64 {
+            return Err(ConfigError::new("limits.max_head", "at least 64 bytes"));
+        }
+        if l.max_headers == 0 {
+            return Err(ConfigError::new("limits.max_headers", "at least 1"));
+        }
+        if l.max_uri == 0 || l.max_uri > l.max_head {
+            return Err(ConfigError::new(
+                "limits.max_uri",
+                "between 1 and limits.max_head",
+            ));
+        }
+        if l.queue == 0 || l.max_held == 0 {
+            return Err(ConfigError::new(
+                "limits.queue / limits.max_held",
+                "at least 1 byte",
+            ));
+        }
+        if l.max_requests == 0 {
+            return Err(ConfigError::new("limits.max_requests", "at least 1"));
+        }
+        for (i, p) in self.upgrade_protocols.iter().enumerate() {
+            let field = format!("upgrade_protocols[{i}]");
+            if p.is_empty() || !p.bytes().all(crate::fields::is_token_byte) {
+                return Err(ConfigError::new(
+                    field,
+                    "an HTTP token such as \"websocket\"",
+                ));
+            }
+            if p.eq_ignore_ascii_case("h2c") {
+                return Err(ConfigError::new(
+                    field,
+                    "a protocol other than h2c (never tunnelled)",
+                ));
+            }
+        }
+        for (i, rule) in self.headers.iter().enumerate() {
+            let name = match rule {
+                HeaderRule::Set { name, .. } | HeaderRule::Remove { name } => name,
+            };
+            if name.is_empty() || !name.bytes().all(crate::fields::is_token_byte) {
+                return Err(ConfigError::new(
+                    format!("headers[{i}].name"),
+                    "an HTTP field name",
+                ));
+            }
+            if crate::fields::is_framing_or_hop(name.as_bytes()) {
+                return Err(ConfigError::new(
+                    format!("headers[{i}].name"),
+                    "a header other than Host, Content-Length, Transfer-Encoding and hop-by-hop headers",
+                ));
+            }
+        }
+        if let HostPolicy::Literal(h) = &self.host {
+            if h.is_empty() || !crate::fields::is_valid_host(h.as_bytes()) {
+                return Err(ConfigError::new(
+                    "host",
+                    "a host[:port] without spaces or control bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A set of interchangeable upstream peers, balanced round-robin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpstreamGroup {
+    /// The peers, in configuration order.
+    pub peers: Vec<Peer>,
+}
+
+impl UpstreamGroup {
+    /// A group of these peers.
+    pub fn new(peers: Vec<Peer>) -> Self {
+        UpstreamGroup { peers }
+    }
+}
+
+/// One upstream server, by host (a name or an IP literal) and port. The adapter resolves and
+/// connects; the core only uses the authority for `Host` and logging.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    host: Arc<str>,
+    port: u16,
+}
+
+impl Peer {
+    /// A peer at `host:port`. `host` may be a name, an IPv4 literal, or an IPv6 literal with or
+    /// without brackets.
+    pub fn new(host: &str, port: u16) -> Self {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Peer {
+            host: Arc::from(host),
+            port,
+        }
+    }
+
+    /// Parses `host:port` or `[v6]:port`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::new("upstream", format!("host:port, got {s:?}"));
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || (host.contains(':') && !host.starts_with('[')) {
+            return Err(bad());
+        }
+        if !crate::fields::is_valid_host(host.as_bytes()) {
+            return Err(bad());
+        }
+        Ok(Peer::new(host, port))
+    }
+
+    /// The host, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port` as it goes in a `Host` header (nginx's `$proxy_host`): the port is omitted
+    /// when it is 80, and IPv6 literals are bracketed.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.to_string()
+        };
+        if self.port == 80 {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// All timeouts. A zero duration disables that timer. See the module table for defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Timeouts {
+    /// Total time to receive a request head.
+    pub request_head: Duration,
+    /// Idle time between requests on a kept-alive client connection.
+    pub keep_alive: Duration,
+    /// Time between two reads of a request body.
+    pub client_body: Duration,
+    /// Time to establish an upstream connection.
+    pub connect: Duration,
+    /// Time to the response head, and between two reads of the response body.
+    pub read: Duration,
+    /// Time a side may leave written bytes unaccepted.
+    pub send: Duration,
+    /// Time with no byte in either direction of a tunnel.
+    pub tunnel_idle: Duration,
+    /// Absolute lifetime of a tunnel; `None` for no limit.
+    pub tunnel_lifetime: Option<Duration>,
+    /// How long a half-closed tunnel waits for the other direction to finish.
+    pub fin: Duration,
+    /// How long unread client bytes are drained after a final response before closing.
+    pub linger: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            request_head: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(75),
+            client_body: Duration::from_secs(60),
+            connect: Duration::from_secs(60),
+            read: Duration::from_secs(60),
+            send: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
+            tunnel_lifetime: None,
+            fin: Duration::from_secs(30),
+            linger: Duration::from_secs(5),
+        }
+    }
+}
+
+/// All size and count limits. See the module table for defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Maximum request or response head size in bytes.
+    pub max_head: usize,
+    /// Maximum number of header fields in a head.
+    pub max_headers: usize,
+    /// Maximum request-target length in bytes.
+    pub max_uri: usize,
+    /// Maximum request body in bytes; 0 means unlimited.
+    pub max_body: u64,
+    /// Maximum client bytes held while waiting for the upstream's answer.
+    pub max_held: usize,
+    /// Unacknowledged bytes per direction before the source stops being read.
+    pub queue: usize,
+    /// Maximum requests served on one client connection.
+    pub max_requests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: 32 * 1024,
+            max_headers: 100,
+            max_uri: 8 * 1024,
+            max_body: 1024 * 1024,
+            max_held: 64 * 1024,
+            queue: 64 * 1024,
+            max_requests: 1000,
+        }
+    }
+}
+
+/// Which `Host` header the upstream receives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HostPolicy {
+    /// The client's `Host` (or, if it sent none, the peer's authority). nginx: `$host`.
+    #[default]
+    Client,
+    /// The chosen peer's authority, `host[:port]`. nginx's default `$proxy_host`.
+    Upstream,
+    /// This literal value.
+    Literal(String),
+}
+
+/// One edit to forwarded request heads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeaderRule {
+    /// Replace every field of this name with one whose value is the expanded template.
+    Set {
+        /// Field name (case-insensitive).
+        name: String,
+        /// The value, possibly with variables.
+        value: Template,
+    },
+    /// Remove every field of this name.
+    Remove {
+        /// Field name (case-insensitive).
+        name: String,
+    },
+}
+
+/// A header value with `$variables`, parsed once at configuration time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<TemplatePart>,
+}
+
+/// A variable a [`Template`] can refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Variable {
+    /// `$remote_addr`: the client's IP address.
+    RemoteAddr,
+    /// `$host`: the client's `Host` without port semantics applied (as received).
+    Host,
+    /// `$scheme`: `http` or `https`.
+    Scheme,
+    /// `$request_uri`: the request target as received.
+    RequestUri,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TemplatePart {
+    Literal(String),
+    Var(Variable),
+}
+
+impl Template {
+    /// Parses `value`, expanding `$remote_addr`, `$host`, `$scheme` and `$request_uri` at request
+    /// time. `$$` is a literal dollar. Values with control bytes are refused.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(ConfigError::new(
+                "value",
+                "a header value without control characters",
+            ));
+        }
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = value;
+        while let Some(pos) = rest.find('$') {
+            lit.push_str(&rest[..pos]);
+            rest = &rest[pos + 1..];
+            if let Some(r) = rest.strip_prefix('$') {
+                lit.push('$');
+                rest = r;
+                continue;
+            }
+            let len = rest
+                .bytes()
+                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                .count();
+            let var = match &rest[..len] {
+                "remote_addr" => Variable::RemoteAddr,
+                "host" => Variable::Host,
+                "scheme" => Variable::Scheme,
+                "request_uri" => Variable::RequestUri,
+                other => return Err(ConfigError::new(
+                    "value",
+                    format!(
+                        "one of $remote_addr, $host, $scheme, $request_uri (or $$), got ${other}"
+                    ),
+                )),
+            };
+            if !lit.is_empty() {
+                parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));
+            }
+            parts.push(TemplatePart::Var(var));
+            rest = &rest[len..];
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            parts.push(TemplatePart::Literal(lit));
+        }
+        Ok(Template { parts })
+    }
+
+    pub(crate) fn parts(&self) -> &[TemplatePart] {
+        &self.parts
+    }
+}
+
+/// An IP network in CIDR notation, for trusted-proxy lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `::1/128`, or a bare address (a /32 or /128).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || {
+            ConfigError::new(
+                "trusted_proxies",
+                format!("an IP or CIDR network, got {s:?}"),
+            )
+        };
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` lies in this network. IPv4-mapped IPv6 addresses match IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipnet_contains() {
+        let n = IpNet::parse("10.1.0.0/16").expect("valid");
+        assert!(n.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!n.contains("10.2.0.1".parse().expect("ip")));
+        assert!(n.contains("::ffff:10.1.0.9".parse().expect("ip")));
+        let all = IpNet::parse("0.0.0.0/0").expect("valid");
+        assert!(all.contains("192.0.2.1".parse().expect("ip")));
+        let one = IpNet::parse("::1").expect("valid");
+        assert!(one.contains("::1".parse().expect("ip")));
+        assert!(!one.contains("::2".parse().expect("ip")));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("nope").is_err());
+    }
+
+    #[test]
+    fn template_parsing() {
+        let t = Template::parse("a $remote_addr-$$-$host").expect("valid");
+        assert_eq!(
+            t.parts(),
+            &[
+                TemplatePart::Literal("a ".into()),
+                TemplatePart::Var(Variable::RemoteAddr),
+                TemplatePart::Literal("-$-".into()),
+                TemplatePart::Var(Variable::Host),
+            ]
+        );
+        assert!(Template::parse("$nope").is_err());
+        assert!(Template::parse("a\r\nb").is_err());
+    }
+
+    #[test]
+    fn peer_parse_and_authority() {
+        let p = Peer::parse("127.0.0.1:8080").expect("valid");
+        assert_eq!(p.authority(), "127.0.0.1:8080");
+        assert_eq!(
+            Peer::parse("example.com:80").expect("valid").authority(),
+            "example.com"
+        );
+        let v6 = Peer::parse("[::1]:9000").expect("valid");
+        assert_eq!(v6.host(), "::1");
+        assert_eq!(v6.to_string(), "[::1]:9000");
+        assert!(Peer::parse("::1:9000").is_err());
+        assert!(Peer::parse("host").is_err());
+        assert!(Peer::parse("host:99999").is_err());
+    }
+
+    #[test]
+    fn validate_rejects_h2c_and_empty_upstream() {
+        let mut c = Config::new(UpstreamGroup::new(vec![]));
+        assert_eq!(
+            c.validate().map_err(|e| e.field),
+            Err("upstream".to_owned())
+        );
+        c.upstream = UpstreamGroup::new(vec![Peer::new("127.0.0.1", 1)]);
+        assert!(c.validate().is_ok());
+        c.upgrade_protocols.push("h2c".into());
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! What the session reports about finished work: one [`Event::Exchange`] per request/response
+//! exchange (or refused request) and one per tunnel, at its end. Adapters turn these into access
+//! log lines and metrics; the core never formats a log line itself.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::error::{RequestError, ResponseError};
+use crate::io::ConnectError;
+use crate::timer::Timer;
+
+/// A report from a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An exchange or a tunnel finished.
+    Exchange(Box<ExchangeLog>),
+}
+
+/// Everything an access log line needs about one exchange or tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExchangeLog {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// `METHOD target HTTP/1.x` as received, or as much of it as could be read.
+    pub request_line: String,
+    /// The client's `Host` (or absolute-form authority).
+    pub host: Option<String>,
+    /// The client's `Referer`, truncated.
+    pub referer: Option<String>,
+    /// The client's `User-Agent`, truncated.
+    pub user_agent: Option<String>,
+    /// The final status sent to the client (`101` for a tunnel), if a response head was sent.
+    pub status: Option<u16>,
+    /// Bytes received from the client for this exchange (head, body, and tunnel bytes).
+    pub bytes_from_client: u64,
+    /// Bytes sent to the client for this exchange (heads, body, and tunnel bytes).
+    pub bytes_to_client: u64,
+    /// Of those, bytes after the response head(s) (nginx's `$body_bytes_sent`).
+    pub body_bytes_to_client: u64,
+    /// The upstream peer, `host:port`, if one was chosen.
+    pub upstream: Option<String>,
+    /// From the first byte of the request to the end of the exchange.
+    pub request_time: Duration,
+    /// Time to establish the upstream connection.
+    pub upstream_connect_time: Option<Duration>,
+    /// From the connect attempt to the end of the response head.
+    pub upstream_header_time: Option<Duration>,
+    /// From the connect attempt to the end of the response (or the tunnel).
+    pub upstream_response_time: Option<Duration>,
+    /// Whether the exchange became a tunnel.
+    pub upgraded: bool,
+    /// How long the tunnel lasted.
+    pub tunnel_duration: Option<Duration>,
+    /// Why the client connection closed after this exchange; `None` if it stays open.
+    pub close: Option<CloseReason>,
+}
+
+/// Why a connection closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The exchange ended and HTTP says the connection ends with it (`Connection: close`,
+    /// HTTP/1.0, a read-until-close body, the request limit, or a drain).
+    #[error("completed")]
+    Completed,
+    /// The client closed its side first.
+    #[error("client closed")]
+    ClientClosed,
+    /// The upstream closed its side first.
+    #[error("upstream closed")]
+    UpstreamClosed,
+    /// The client connection failed.
+    #[error("client connection reset")]
+    ClientReset,
+    /// The upstream connection failed.
+    #[error("upstream connection reset")]
+    UpstreamReset,
+    /// A timer expired.
+    #[error("timeout: {0:?}")]
+    Timeout(Timer),
+    /// The client sent something the proxy refuses.
+    #[error("bad request: {0}")]
+    BadRequest(RequestError),
+    /// The upstream sent something the proxy refuses.
+    #[error("bad upstream response: {0}")]
+    BadResponse(ResponseError),
+    /// No upstream connection could be made.
+    #[error("upstream connect failed: {0}")]
+    ConnectFailed(ConnectError),
+    /// The adapter delivered far more client bytes than [`Session::wants_read`](crate::Session::wants_read)
+    /// allowed; the session refuses to hold them.
+    #[error("input overflow")]
+    Overflow,
+    /// A graceful drain's deadline ended the tunnel.
+    #[error("drained")]
+    Drain,
+}

@@ -1,0 +1,705 @@
+//! Turning a client's request head into the head the upstream receives.
+//!
+//! The head is validated against RFC 9110/9112 (see DESIGN §3) and re-serialised canonically:
+//! never copied through. Hop-by-hop fields, and every field a `Connection` line names, are
+//! removed before the proxy adds its own (`Host`, `X-Forwarded-*`, configured rules, upgrade and
+//! framing fields). This module must never let a byte of an invalid head reach the upstream:
+//! everything it returns on error is a status for the client.
+
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::body::Framing;
+use crate::config::{Config, HeaderRule, Peer, TemplatePart, Variable};
+use crate::error::RequestError;
+use crate::fields::{
+    is_hop_or_framing, is_token_byte, is_valid_host, list_items, parse_content_length, trim_ows,
+};
+use crate::io::PeerInfo;
+use crate::upgrade::{websocket_accept, ACCEPT_LEN};
+
+/// Longest `Referer` / `User-Agent` kept for the access log.
+const MAX_LOGGED_FIELD: usize = 512;
+
+/// A validated request, with the head to send upstream.
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// `METHOD target HTTP/1.x`, for logs.
+    pub(crate) request_line: String,
+    /// HTTP minor version the client spoke (0 or 1).
+    pub(crate) minor: u8,
+    pub(crate) is_head: bool,
+    /// Whether repeating this request is safe (RFC 9110 §9.2.2).
+    pub(crate) idempotent: bool,
+    pub(crate) framing: Framing,
+    /// Whether the client asked to keep the connection open.
+    pub(crate) keep_alive: bool,
+    pub(crate) upgrade: Option<UpgradeRequest>,
+    pub(crate) host: Option<String>,
+    pub(crate) referer: Option<String>,
+    pub(crate) user_agent: Option<String>,
+    /// The head for the upstream.
+    pub(crate) upstream_head: Bytes,
+}
+
+/// A request that may switch protocols.
+#[derive(Debug, Clone)]
+pub(crate) struct UpgradeRequest {
+    /// The protocol token as the client spelled it.
+    pub(crate) token: String,
+    /// The `Sec-WebSocket-Accept` a genuine answer must carry (websocket with exactly one key).
+    pub(crate) expected_accept: Option<[u8; ACCEPT_LEN]>,
+    pub(crate) is_websocket: bool,
+}
+
+/// What the session knows when a head arrives.
+pub(crate) struct RequestContext<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) client: &'a PeerInfo,
+}
+
+/// Fields gathered in one pass over the headers.
+#[derive(Default)]
+struct Seen<'h> {
+    host: Option<&'h [u8]>,
+    hosts: usize,
+    content_length: Option<u64>,
+    has_content_length: bool,
+    te: Vec<&'h [u8]>,
+    has_te: bool,
+    connection: Vec<&'h [u8]>,
+    upgrade: Vec<&'h [u8]>,
+    ws_keys: Vec<&'h [u8]>,
+    referer: Option<&'h [u8]>,
+    user_agent: Option<&'h [u8]>,
+    xff: Vec<&'h [u8]>,
+    xfp: Option<&'h [u8]>,
+    xfh: Option<&'h [u8]>,
+}
+
+/// Validates `head` and builds the upstream head. `pick` chooses the upstream peer; it is called
+/// only for a valid request, so refused requests do not move the balancer.
+pub(crate) fn parse_request<'p>(
+    head: &[u8],
+    ctx: &RequestContext<'_>,
+    pick: impl FnOnce() -> Option<&'p Peer>,
+) -> Result<(Request, &'p Peer), RequestError> {
+    let limits = &ctx.config.limits;
+    let body = trim_leading_empty_lines(head);
+    if body.starts_with(b"PRI * HTTP/2.0") {
+        return Err(RequestError::Version);
+    }
+    check_line_endings(head).map_err(RequestError::Malformed)?;
+
+    let mut storage = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut req = httparse::Request::new(&mut storage);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(RequestError::Malformed("incomplete head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeadTooLarge),
+        Err(httparse::Error::Version) if names_other_http_version(body) => {
+            return Err(RequestError::Version)
+        }
+        Err(httparse::Error::HeaderName) => {
+            return Err(RequestError::BadField(
+                "invalid field name (whitespace before colon or obs-fold)",
+            ))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(RequestError::BadField("invalid byte in field value"))
+        }
+        Err(_) => return Err(RequestError::Malformed("invalid request line")),
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(RequestError::Malformed("incomplete request line"));
+    };
+    if target.len() > limits.max_uri {
+        return Err(RequestError::UriTooLong);
+    }
+    if method == "CONNECT" {
+        return Err(RequestError::Method);
+    }
+
+    let (abs_authority, path) = split_target(method, target)?;
+
+    let mut seen = Seen::default();
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = trim_ows(h.value);
+        let lower = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        if lower(b"host") {
+            seen.hosts += 1;
+            seen.host = Some(value);
+        } else if lower(b"content-length") {
+            let n = parse_content_length(value)
+                .ok_or(RequestError::BadFraming("invalid Content-Length"))?;
+            if seen.content_length.is_some_and(|prev| prev != n) {
+                return Err(RequestError::BadFraming("conflicting Content-Length"));
+            }
+            seen.content_length = Some(n);
+            seen.has_content_length = true;
+        } else if lower(b"transfer-encoding") {
+            seen.has_te = true;
+            seen.te.extend(list_items(value));
+        } else if lower(b"connection") {
+            seen.connection.extend(list_items(value));
+        } else if lower(b"upgrade") {
+            seen.upgrade.extend(list_items(value));
+        } else if lower(b"sec-websocket-key") {
+            seen.ws_keys.push(value);
+        } else if lower(b"referer") {
+            seen.referer = Some(value);
+        } else if lower(b"user-agent") {
+            seen.user_agent = Some(value);
+        } else if lower(b"x-forwarded-for") {
+            seen.xff.push(value);
+        } else if lower(b"x-forwarded-proto") {
+            seen.xfp = Some(value);
+        } else if lower(b"x-forwarded-host") {
+            seen.xfh = Some(value);
+        }
+    }
+
+    // Host (RFC 9112 §3.2).
+    if seen.hosts > 1 {
+        return Err(RequestError::BadField("duplicate Host"));
+    }
+    if minor == 1 && seen.hosts == 0 {
+        return Err(RequestError::BadField("missing Host"));
+    }
+    if let Some(h) = seen.host {
+        if !is_valid_host(h) {
+            return Err(RequestError::BadField("invalid Host"));
+        }
+    }
+    let host: Option<&[u8]> = abs_authority.or(seen.host).filter(|h| !h.is_empty());
+
+    // Connection options.
+    for t in &seen.connection {
+        if !t.iter().all(|b| is_token_byte(*b)) {
+            return Err(RequestError::BadField("invalid Connection option"));
+        }
+        if t.eq_ignore_ascii_case(b"host")
+            || t.eq_ignore_ascii_case(b"content-length")
+            || t.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            return Err(RequestError::BadField("Connection names a framing field"));
+        }
+    }
+    let conn_has = |tok: &[u8]| seen.connection.iter().any(|t| t.eq_ignore_ascii_case(tok));
+    let keep_alive = if minor == 1 {
+        !conn_has(b"close")
+    } else {
+        conn_has(b"keep-alive") && !conn_has(b"close")
+    };
+
+    // Framing (RFC 9112 §6).
+    let framing = if seen.has_te {
+        if minor == 0 {
+            return Err(RequestError::BadFraming("Transfer-Encoding on HTTP/1.0"));
+        }
+        if seen.has_content_length {
+            return Err(RequestError::BadFraming(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        match seen.te.as_slice() {
+            [only] if only.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+            [.., last] if !last.eq_ignore_ascii_case(b"chunked") => {
+                return Err(RequestError::BadFraming(
+                    "chunked is not the final transfer coding",
+                ))
+            }
+            [] => return Err(RequestError::BadFraming("empty Transfer-Encoding")),
+            items
+                if items
+                    .iter()
+                    .filter(|t| t.eq_ignore_ascii_case(b"chunked"))
+                    .count()
+                    > 1 =>
+            {
+                return Err(RequestError::BadFraming("chunked applied more than once"))
+            }
+            _ => return Err(RequestError::UnsupportedTransferCoding),
+        }
+    } else {
+        match seen.content_length {
+            Some(0) | None => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    if let Framing::Length(n) = framing {
+        if limits.max_body != 0 && n > limits.max_body {
+            return Err(RequestError::BodyTooLarge);
+        }
+    }
+
+    // The upgrade (DESIGN "The upgrade").
+    let upgrade =
+        if method == "GET" && minor == 1 && framing == Framing::None && conn_has(b"upgrade") {
+            seen.upgrade.iter().find_map(|offered| {
+                let name = offered.split(|b| *b == b'/').next().unwrap_or(offered);
+                let allowed = ctx.config.upgrade_protocols.iter().any(|p| {
+                    p.as_bytes().eq_ignore_ascii_case(name) && !p.eq_ignore_ascii_case("h2c")
+                });
+                if !allowed || !offered.iter().all(|b| is_token_byte(*b) || *b == b'/') {
+                    return None;
+                }
+                let is_websocket = offered.eq_ignore_ascii_case(b"websocket");
+                let expected_accept = match seen.ws_keys.as_slice() {
+                    [key] if is_websocket => Some(websocket_accept(key)),
+                    _ => None,
+                };
+                Some(UpgradeRequest {
+                    token: String::from_utf8_lossy(offered).into_owned(),
+                    expected_accept,
+                    is_websocket,
+                })
+            })
+        } else {
+            None
+        };
+
+    let peer = pick().ok_or(RequestError::Malformed("no upstream configured"))?;
+
+    // Re-serialise.
+    let config = ctx.config;
+    let client_ip = ctx.client.addr.ip().to_canonical();
+    let host_out: String = match &config.host {
+        crate::config::HostPolicy::Client => match host {
+            Some(h) => String::from_utf8_lossy(h).into_owned(),
+            None => peer.authority(),
+        },
+        crate::config::HostPolicy::Upstream => peer.authority(),
+        crate::config::HostPolicy::Literal(l) => l.clone(),
+    };
+    let var = |v: Variable, out: &mut BytesMut| match v {
+        Variable::RemoteAddr => {
+            let _ = write!(out, "{client_ip}");
+        }
+        Variable::Host => out.put_slice(host.unwrap_or(host_out.as_bytes())),
+        Variable::Scheme => out.put_slice(ctx.client.scheme.as_str().as_bytes()),
+        Variable::RequestUri => out.put_slice(target.as_bytes()),
+    };
+    let ruled = |name: &[u8]| {
+        config.headers.iter().any(|r| match r {
+            HeaderRule::Set { name: n, .. } | HeaderRule::Remove { name: n } => {
+                n.as_bytes().eq_ignore_ascii_case(name)
+            }
+        })
+    };
+    let trusted = config.trusted_proxies.iter().any(|n| n.contains(client_ip));
+
+    let mut out = BytesMut::with_capacity(head.len() + 128);
+    out.put_slice(method.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(path);
+    out.put_slice(b" HTTP/1.1\r\nHost: ");
+    out.put_slice(host_out.as_bytes());
+    out.put_slice(b"\r\n");
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let named_by_connection = seen.connection.iter().any(|t| t.eq_ignore_ascii_case(name));
+        if name.eq_ignore_ascii_case(b"host")
+            || is_hop_or_framing(name)
+            || named_by_connection
+            || is_forwarding(name)
+            || ruled(name)
+        {
+            continue;
+        }
+        put_field(&mut out, name, trim_ows(h.value));
+    }
+    if !ruled(b"x-forwarded-for") {
+        out.put_slice(b"X-Forwarded-For: ");
+        if trusted {
+            for prior in &seen.xff {
+                out.put_slice(prior);
+                out.put_slice(b", ");
+            }
+        }
+        let _ = write!(out, "{client_ip}\r\n");
+    }
+    if !ruled(b"x-forwarded-proto") {
+        let proto = seen
+            .xfp
+            .filter(|_| trusted)
+            .unwrap_or(ctx.client.scheme.as_str().as_bytes());
+        put_field(&mut out, b"X-Forwarded-Proto", proto);
+    }
+    if !ruled(b"x-forwarded-host") {
+        if let Some(h) = seen.xfh.filter(|_| trusted).or(host) {
+            put_field(&mut out, b"X-Forwarded-Host", h);
+        }
+    }
+    for rule in &config.headers {
+        if let HeaderRule::Set { name, value } = rule {
+            out.put_slice(name.as_bytes());
+            out.put_slice(b": ");
+            for part in value.parts() {
+                match part {
+                    TemplatePart::Literal(l) => out.put_slice(l.as_bytes()),
+                    TemplatePart::Var(v) => var(*v, &mut out),
+                }
+            }
+            out.put_slice(b"\r\n");
+        }
+    }
+    if let Some(up) = &upgrade {
+        out.put_slice(b"Upgrade: ");
+        out.put_slice(up.token.as_bytes());
+        out.put_slice(b"\r\nConnection: upgrade\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Framing::Chunked => out.put_slice(b"Transfer-Encoding: chunked\r\n"),
+        Framing::None if seen.has_content_length => out.put_slice(b"Content-Length: 0\r\n"),
+        Framing::None | Framing::UntilClose => {}
+    }
+    out.put_slice(b"\r\n");
+
+    let request = Request {
+        request_line: format!("{method} {target} HTTP/1.{minor}"),
+        minor,
+        is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        framing,
+        keep_alive,
+        upgrade,
+        host: host.map(|h| String::from_utf8_lossy(h).into_owned()),
+        referer: seen.referer.map(loggable),
+        user_agent: seen.user_agent.map(loggable),
+        upstream_head: out.freeze(),
+    };
+    Ok((request, peer))
+}
+
+/// Whether the request line is well-shaped but names an HTTP version other than 1.x, so that 505
+/// is the right answer rather than 400.
+fn names_other_http_version(head: &[u8]) -> bool {
+    let line = head.split(|b| *b == b'\r').next().unwrap_or(head);
+    let parts: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+    matches!(parts.as_slice(), [m, t, v] if !m.is_empty() && !t.is_empty() && v.starts_with(b"HTTP/") && !v.starts_with(b"HTTP/1."))
+}
+
+fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+fn is_forwarding(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"x-forwarded-for")
+        || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+        || name.eq_ignore_ascii_case(b"x-forwarded-host")
+}
+
+fn loggable(v: &[u8]) -> String {
+    String::from_utf8_lossy(&v[..v.len().min(MAX_LOGGED_FIELD)]).into_owned()
+}
+
+/// Splits the request-target into an absolute-form authority (if any) and the origin-form path
+/// sent upstream.
+fn split_target<'t>(
+    method: &str,
+    target: &'t str,
+) -> Result<(Option<&'t [u8]>, &'t [u8]), RequestError> {
+    let t = target.as_bytes();
+    if t.first() == Some(&b'/') {
+        return Ok((None, t));
+    }
+    if t == b"*" {
+        return if method == "OPTIONS" {
+            Ok((None, t))
+        } else {
+            Err(RequestError::Malformed("asterisk-form target"))
+        };
+    }
+    let rest = strip_prefix_ci(t, b"http://").or_else(|| strip_prefix_ci(t, b"https://"));
+    let Some(rest) = rest else {
+        return Err(RequestError::Malformed(
+            "request target is not origin- or absolute-form",
+        ));
+    };
+    let end = rest
+        .iter()
+        .position(|b| *b == b'/' || *b == b'?')
+        .unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || !is_valid_host(authority) || authority.contains(&b'@') {
+        return Err(RequestError::Malformed(
+            "invalid authority in absolute-form target",
+        ));
+    }
+    match path.first() {
+        Some(b'/') => Ok((Some(authority), path)),
+        // "http://h?q" and "http://h" mean path "/"; the query cannot be kept without copying,
+        // and such targets are vanishingly rare, so refuse the query form rather than mangle it.
+        None => Ok((Some(authority), b"/")),
+        Some(_) => Err(RequestError::Malformed(
+            "absolute-form target without a path",
+        )),
+    }
+}
+
+fn strip_prefix_ci<'a>(t: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    (t.len() >= prefix.len() && t[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &t[prefix.len()..])
+}
+
+fn trim_leading_empty_lines(mut head: &[u8]) -> &[u8] {
+    while let Some(rest) = head.strip_prefix(b"\r\n") {
+        head = rest;
+    }
+    head
+}
+
+/// Every LF must be part of a CRLF, and every CR of one: bare line endings are a classic
+/// smuggling vector when two parsers disagree about them.
+pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
+    for i in memchr::memchr2_iter(b'\r', b'\n', head) {
+        match head[i] {
+            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err("bare LF line ending"),
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err("bare CR"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HostPolicy, IpNet, Template, UpstreamGroup};
+
+    fn config() -> Config {
+        Config::new(UpstreamGroup::new(vec![Peer::new("10.9.9.9", 8080)]))
+    }
+
+    fn run(config: &Config, head: &str) -> Result<Request, RequestError> {
+        let client = PeerInfo::new("192.0.2.7:5555".parse().expect("addr"));
+        let ctx = RequestContext {
+            config,
+            client: &client,
+        };
+        parse_request(head.as_bytes(), &ctx, || config.upstream.peers.first()).map(|(r, _)| r)
+    }
+
+    fn upstream(config: &Config, head: &str) -> String {
+        let r = run(config, head).expect("valid request");
+        String::from_utf8(r.upstream_head.to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn canonical_rewrite_strips_hop_by_hop() {
+        let out = upstream(
+            &config(),
+            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\n\
+             X-Secret: 1\r\nTE: trailers\r\nTrailer: x\r\nProxy-Authorization: p\r\nProxy-Connection: x\r\n\
+             HTTP2-Settings: x\r\nUpgrade: foo\r\nAccept:   text/html  \r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nAccept: text/html\r\nX-Forwarded-For: 192.0.2.7\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: example.com\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn websocket_upgrade_detected_and_forwarded() {
+        let head = "GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let r = run(&config(), head).expect("valid");
+        let up = r.upgrade.as_ref().expect("upgrade");
+        assert_eq!(up.token, "websocket");
+        assert_eq!(
+            up.expected_accept.as_ref().map(|a| &a[..]),
+            Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..])
+        );
+        let out = String::from_utf8(r.upstream_head.to_vec()).expect("utf8");
+        assert!(
+            out.ends_with("Upgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+    }
+
+    #[test]
+    fn not_an_upgrade_gets_no_upgrade_headers() {
+        for head in [
+            "POST /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n",
+            "GET /ws HTTP/1.0\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgradex\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let r = run(&config(), head).expect("valid");
+            assert!(r.upgrade.is_none(), "{head}");
+            let out = String::from_utf8(r.upstream_head.to_vec()).expect("utf8").to_ascii_lowercase();
+            assert!(!out.contains("upgrade"), "{out}");
+        }
+    }
+
+    #[test]
+    fn malformed_vectors() {
+        let cases: &[(&str, u16)] = &[
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", 400),
+            ("GET / HTTP/1.1\nHost: a\n\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nConnection: transfer-encoding\r\n\r\n", 400),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            ("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+            ("GET a HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("G T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1048577\r\n\r\n", 413),
+        ];
+        for (head, status) in cases {
+            let got = run(&config(), head).map(|_| ()).map_err(|e| e.status());
+            assert_eq!(got, Err(*status), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn limits_on_uri_and_header_count() {
+        let mut c = config();
+        c.limits.max_uri = 10;
+        assert_eq!(
+            run(&c, "GET /0123456789a HTTP/1.1\r\nHost: a\r\n\r\n")
+                .map_err(|e| e.status())
+                .err(),
+            Some(414)
+        );
+        c.limits.max_headers = 2;
+        assert_eq!(
+            run(&c, "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n")
+                .map_err(|e| e.status())
+                .err(),
+            Some(431)
+        );
+    }
+
+    #[test]
+    fn framing_and_keep_alive() {
+        let r = run(
+            &config(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+        )
+        .expect("ok");
+        assert_eq!(r.framing, Framing::Length(5));
+        assert!(String::from_utf8_lossy(&r.upstream_head).contains("Content-Length: 5\r\n"));
+        let r = run(
+            &config(),
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n",
+        )
+        .expect("ok");
+        assert_eq!(r.framing, Framing::Chunked);
+        assert!(!r.keep_alive);
+        let r = run(&config(), "GET / HTTP/1.0\r\n\r\n").expect("ok");
+        assert!(!r.keep_alive);
+        assert!(String::from_utf8_lossy(&r.upstream_head)
+            .starts_with("GET / HTTP/1.1\r\nHost: 10.9.9.9:8080\r\n"));
+        let r = run(
+            &config(),
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .expect("ok");
+        assert!(r.keep_alive);
+        let r = run(&config(), "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .expect("leading empty lines are ignored");
+        assert_eq!(r.request_line, "GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn forwarded_headers_trusted_and_not() {
+        let head = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: orig\r\n\r\n";
+        let out = upstream(&config(), head);
+        assert!(out.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{out}");
+        assert!(out.contains("X-Forwarded-Proto: http\r\n"));
+        assert!(out.contains("X-Forwarded-Host: a\r\n"));
+        assert!(!out.contains("1.1.1.1") && !out.contains("orig"));
+        let mut c = config();
+        c.trusted_proxies
+            .push(IpNet::parse("192.0.2.0/24").expect("net"));
+        let out = upstream(&c, head);
+        assert!(
+            out.contains("X-Forwarded-For: 1.1.1.1, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("X-Forwarded-Proto: https\r\n"));
+        assert!(out.contains("X-Forwarded-Host: orig\r\n"));
+    }
+
+    #[test]
+    fn host_policies_and_rules() {
+        let mut c = config();
+        c.host = HostPolicy::Upstream;
+        assert!(
+            upstream(&c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").contains("Host: 10.9.9.9:8080\r\n")
+        );
+        c.host = HostPolicy::Literal("backend.internal".into());
+        c.headers = vec![
+            HeaderRule::Set {
+                name: "X-Real-IP".into(),
+                value: Template::parse("$remote_addr").expect("t"),
+            },
+            HeaderRule::Set {
+                name: "X-Uri".into(),
+                value: Template::parse("$scheme://$host$request_uri").expect("t"),
+            },
+            HeaderRule::Remove {
+                name: "Cookie".into(),
+            },
+        ];
+        let out = upstream(
+            &c,
+            "GET /p?q HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\nX-Real-IP: spoof\r\n\r\n",
+        );
+        assert!(out.contains("Host: backend.internal\r\n"), "{out}");
+        assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"));
+        assert!(out.contains("X-Uri: http://a/p?q\r\n"));
+        assert!(!out.contains("Cookie") && !out.contains("spoof"));
+    }
+
+    #[test]
+    fn absolute_form_target() {
+        let r = run(
+            &config(),
+            "GET http://Example.org/x HTTP/1.1\r\nHost: other\r\n\r\n",
+        )
+        .expect("ok");
+        let out = String::from_utf8(r.upstream_head.to_vec()).expect("utf8");
+        assert!(
+            out.starts_with("GET /x HTTP/1.1\r\nHost: Example.org\r\n"),
+            "{out}"
+        );
+    }
+}
