@@ -393,12 +393,14 @@ impl Template {
                 "host" => Variable::Host,
                 "scheme" => Variable::Scheme,
                 "request_uri" => Variable::RequestUri,
-                other => return Err(ConfigError::new(
-                    "value",
-                    format!(
+                other => {
+                    return Err(ConfigError::new(
+                        "value",
+                        format!(
                         "one of $remote_addr, $host, $scheme, $request_uri (or $$), got ${other}"
                     ),
-                )),
+                    ))
+                }
             };
             if !lit.is_empty() {
                 parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));

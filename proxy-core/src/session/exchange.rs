@@ -358,14 +358,17 @@ impl Session {
         if let Some(head) = head {
             self.send(Side::Upstream, head);
         }
-        self.timers
-            .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
+        // Like nginx's proxy_read_timeout, the wait for the response starts once the request
+        // is sent: a slow upload is the client body timer's business.
         if body_pending {
             self.timers.arm(
                 Timer::ClientBody,
                 self.now,
                 self.config.timeouts.client_body,
             );
+        } else {
+            self.timers
+                .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
         }
     }
 
@@ -434,6 +437,9 @@ impl Session {
             self.timers.stop(Timer::ClientBody);
             if ex.response_done() {
                 self.finish_exchange();
+            } else if !ex.response_head_done() {
+                self.timers
+                    .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
             }
         } else {
             ex.body = Some((decoder, chunked));
