@@ -335,12 +335,11 @@ pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 mod tests {
     use super::*;
 
-    /// Decodes `input` split at every `step` bytes; returns data, chunk sizes, end, leftover.
-    fn run(
-        framing: Framing,
-        input: &[u8],
-        piece: usize,
-    ) -> Result<(Vec<u8>, Vec<u64>, bool, Vec<u8>), ChunkError> {
+    /// Data, chunk sizes, whether the end was seen, and the bytes left after the body.
+    type Decoded = (Vec<u8>, Vec<u64>, bool, Vec<u8>);
+
+    /// Decodes `input` split into `piece`-byte reads.
+    fn run(framing: Framing, input: &[u8], piece: usize) -> Result<Decoded, ChunkError> {
         let mut d = BodyDecoder::new(framing);
         let (mut data, mut sizes, mut end, mut rest) = (Vec::new(), Vec::new(), false, Vec::new());
         for p in input.chunks(piece.max(1)) {

@@ -129,6 +129,8 @@ pub enum Input {
     },
     /// `len` bytes of earlier [`Output::Send`]s to `to` were written to the socket. The core
     /// uses this for backpressure, the send timeout, and to know when a side is flushed.
+    /// Once an upstream connection has been released or closed, its writes are no longer
+    /// reported: the count belongs to the session's current upstream.
     Sent {
         /// The side written to.
         to: Side,

@@ -430,8 +430,7 @@ impl Session {
     }
 
     fn close_all(&mut self) {
-        if let Some(up) = self.upstream.take() {
-            let _ = up;
+        if self.upstream.take().is_some() {
             self.outputs.push_back(Output::Close {
                 side: Side::Upstream,
             });
