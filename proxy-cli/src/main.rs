@@ -1,1 +1,272 @@
-fn main() {}
+//! `switchyard`: a WebSocket-first reverse proxy. This binary only wires things together: flags
+//! and the TOML file become settings, a runtime is chosen, signals trigger a graceful drain, and
+//! finished exchanges become access-log lines. All proxy logic is in `proxy-core`.
+
+mod access_log;
+mod demo;
+mod settings;
+mod units;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+
+use settings::{Overrides, RuntimeKind, Settings};
+use units::parse_duration;
+
+/// A reverse proxy for WebSocket and HTTP/1.1 that is correct by default.
+///
+/// Upgrade handling needs no configuration: Upgrade/Connection are handled for you, the
+/// upstream's 101 is verified (Sec-WebSocket-Accept) before anything is tunnelled, and idle
+/// WebSockets get their own timeout (--tunnel-idle-timeout, 1h) instead of dying at the HTTP
+/// read timeout (--read-timeout, 60s).
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, args_conflicts_with_subcommands = true)]
+#[command(
+    after_help = "Examples:\n  switchyard demo\n  switchyard --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 --upstream 127.0.0.1:9001\n  switchyard --config switchyard.toml\n  switchyard check-config switchyard.toml\n\nDurations take ms, s, m, h, d (e.g. 500ms, 90s, 1h30m) like nginx; `off` disables a timeout."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs a built-in WebSocket echo upstream and a demo page behind the proxy.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Access log destination: a path, `-` for stdout, or `off`.
+        #[arg(long, value_name = "PATH|-|off", default_value = "-")]
+        access_log: String,
+        /// Async runtime to use.
+        #[arg(long, value_enum, default_value = "tokio")]
+        runtime: RuntimeKind,
+    },
+    /// Validates a config file and prints the effective configuration.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address to accept clients on; repeat for several (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Upstream server; repeat to balance round-robin across several.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Vec<String>,
+    /// Time to establish an upstream connection (nginx proxy_connect_timeout) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// HTTP only: time to wait for the upstream's response head, and between two reads of its
+    /// body (nginx proxy_read_timeout). Does not apply to WebSocket tunnels [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    read_timeout: Option<Duration>,
+    /// Time a peer may leave written bytes unaccepted (nginx send_timeout) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    send_timeout: Option<Duration>,
+    /// WebSocket/upgraded connections: close after this long with no byte in either direction
+    /// (HAProxy `timeout tunnel`) [default: 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    tunnel_idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long open tunnels may stay before they are closed [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Worker threads [default: number of cores]; 1 runs a single-threaded runtime.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Async runtime [default: tokio].
+    #[arg(long, value_enum)]
+    runtime: Option<RuntimeKind>,
+    /// TOML config file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Access log destination: a path, `-` for stdout, or `off` [default: -].
+    #[arg(long, value_name = "PATH|-|off")]
+    access_log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::CheckConfig { file }) => {
+            let settings = Settings::load(Some(&file), &Overrides::default())?;
+            print!(
+                "# {} is valid; effective configuration:\n{}",
+                file.display(),
+                settings.to_toml()
+            );
+            Ok(())
+        }
+        Some(Command::Demo {
+            listen,
+            access_log,
+            runtime,
+        }) => {
+            check_runtime(runtime)?;
+            let rt = build_runtime(1)?;
+            rt.block_on(async {
+                let upstream = demo::spawn_upstream().await.context("cannot start the demo upstream")?;
+                let flags = Overrides {
+                    listen: vec![listen],
+                    upstream: vec![upstream.to_string()],
+                    access_log: Some(access_log),
+                    workers: Some(1),
+                    ..Default::default()
+                };
+                let settings = Settings::load(None, &flags)?;
+                let listeners = bind(&settings)?;
+                let shown = listeners.first().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default();
+                println!("switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it");
+                serve_until_signal(settings, listeners).await
+            })
+        }
+        None => {
+            let a = cli.run;
+            let flags = Overrides {
+                listen: a.listen,
+                upstream: a.upstream,
+                connect_timeout: a.connect_timeout,
+                read_timeout: a.read_timeout,
+                send_timeout: a.send_timeout,
+                tunnel_idle_timeout: a.tunnel_idle_timeout,
+                drain_timeout: a.drain_timeout,
+                workers: a.workers,
+                runtime: a.runtime,
+                access_log: a.access_log,
+            };
+            let settings = Settings::load(a.config.as_deref(), &flags)?;
+            check_runtime(settings.runtime)?;
+            // Bind before starting the runtime so that "address in use" is reported at once.
+            let listeners = bind(&settings)?;
+            let rt = build_runtime(settings.workers)?;
+            rt.block_on(serve_until_signal(settings, listeners))
+        }
+    }
+}
+
+fn check_runtime(runtime: RuntimeKind) -> anyhow::Result<()> {
+    if runtime == RuntimeKind::Smol {
+        bail!("--runtime smol is not available in this build yet (it arrives with the proxy-smol adapter); use --runtime tokio");
+    }
+    Ok(())
+}
+
+fn build_runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
+    settings
+        .listen
+        .iter()
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}")))
+        .collect()
+}
+
+async fn serve_until_signal(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
+    let sink = access_log::sink(&settings.access_log)
+        .with_context(|| format!("cannot open access log {}", settings.access_log.describe()))?;
+    let mut options = proxy_tokio::ServeOptions::default();
+    options.drain_timeout = settings.drain_timeout;
+    options.pool_idle_timeout = settings.pool_idle_timeout;
+    options.pool_max_per_peer = settings.pool_max_idle;
+    options.events = sink;
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let peers: Vec<String> = settings
+        .config
+        .upstream
+        .peers
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        "switchyard listening on {} -> {} (runtime tokio, {} worker{})",
+        addrs.join(", "),
+        peers.join(", "),
+        settings.workers,
+        if settings.workers == 1 { "" } else { "s" }
+    );
+    let shutdown = proxy_tokio::Shutdown::new();
+    let trigger = shutdown.clone();
+    let drain = settings.drain_timeout;
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, draining (tunnels get {}); signal again to exit now", units::format_duration(drain));
+        trigger.trigger();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    proxy_tokio::serve(Arc::new(settings.config), listeners, options, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

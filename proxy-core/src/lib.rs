@@ -95,6 +95,7 @@
 //! * [`config`] — the plain-data configuration and its defaults.
 //! * [`Session`] — the state machine; its module docs draw the lifecycle.
 //! * [`Balancer`] — the shared peer-choice state.
+//! * [`IdlePool`] — upstream keep-alive pool bookkeeping, shared by every adapter.
 //! * [`Input`], [`Output`], [`Event`] — the vocabulary with adapters.
 
 pub mod config;
@@ -106,6 +107,7 @@ mod event;
 mod fields;
 mod head;
 mod io;
+mod pool;
 mod request;
 mod response;
 mod session;
@@ -120,6 +122,7 @@ pub use config::{
 pub use error::{ConfigError, RequestError, ResponseError};
 pub use event::{CloseReason, Event, ExchangeLog};
 pub use io::{ConnectError, Input, Output, PeerInfo, Scheme, Side, UpstreamId};
+pub use pool::IdlePool;
 pub use session::Session;
 pub use timer::Timer;
 pub use upgrade::websocket_accept;

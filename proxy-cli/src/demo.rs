@@ -1,0 +1,108 @@
+//! `switchyard demo`: a built-in WebSocket echo upstream with a small HTML page, so that a
+//! newcomer sees a tunnel work with one command. The upstream listens on an ephemeral loopback
+//! port; the proxy in front of it is the real thing.
+//!
+//! This is a deliberately small origin server, not part of the proxy: it serves `/` (the page)
+//! and `/ws` (echo), with keep-alive, and nothing else.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+const PAGE: &str = include_str!("demo.html");
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Starts the echo upstream on 127.0.0.1 and returns its address.
+pub async fn spawn_upstream() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream).await {
+                            tracing::debug!(error = %e, "demo upstream connection ended");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "demo upstream accept failed"),
+            }
+        }
+    });
+    Ok(addr)
+}
+
+async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let head_len = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > MAX_HEAD || stream.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        if req.parse(&buf[..head_len]).is_err() {
+            stream
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await?;
+            return Ok(());
+        }
+        let path = req.path.unwrap_or("/").to_owned();
+        let key = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+            .map(|h| h.value.to_vec());
+        buf.advance(head_len);
+        if path == "/ws" {
+            let Some(key) = key else {
+                stream
+                    .write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
+                continue;
+            };
+            let accept = proxy_core::websocket_accept(&key);
+            let mut resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ".to_vec();
+            resp.extend_from_slice(&accept);
+            resp.extend_from_slice(b"\r\n\r\n");
+            stream.write_all(&resp).await?;
+            let ws = WebSocketStream::from_partially_read(stream, buf.to_vec(), Role::Server, None)
+                .await;
+            return echo(ws).await;
+        }
+        let (status, ctype, body) = match path.as_str() {
+            "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", PAGE),
+            _ => ("404 Not Found", "text/plain; charset=utf-8", "not found\n"),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+    }
+}
+
+async fn echo(mut ws: WebSocketStream<TcpStream>) -> std::io::Result<()> {
+    while let Some(msg) = ws.next().await {
+        let msg = msg.map_err(std::io::Error::other)?;
+        if msg.is_text() || msg.is_binary() {
+            ws.send(msg).await.map_err(std::io::Error::other)?;
+        } else if msg.is_close() {
+            break;
+        }
+    }
+    Ok(())
+}
