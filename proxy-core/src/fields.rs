@@ -1,6 +1,26 @@
 //! Field-level helpers shared by request and response handling: token lists, `Content-Length`
 //! parsing, the hop-by-hop set. All operate on borrowed bytes and never allocate.
 
+use std::mem::MaybeUninit;
+
+/// Header slots kept on the stack; configurations allowing more fields use the heap.
+pub(crate) const STACK_HEADERS: usize = 128;
+
+/// Slots for httparse to fill: `max` of them, from `stack` when they fit, so that parsing a head
+/// neither allocates nor zeroes a header array.
+pub(crate) fn header_slots<'a, 'b>(
+    stack: &'a mut [MaybeUninit<httparse::Header<'b>>; STACK_HEADERS],
+    heap: &'a mut Vec<MaybeUninit<httparse::Header<'b>>>,
+    max: usize,
+) -> &'a mut [MaybeUninit<httparse::Header<'b>>] {
+    if max <= STACK_HEADERS {
+        &mut stack[..max]
+    } else {
+        heap.resize_with(max, MaybeUninit::uninit);
+        heap
+    }
+}
+
 /// `tchar` from RFC 9110 §5.6.2.
 pub(crate) fn is_token_byte(b: u8) -> bool {
     matches!(b,

@@ -7,6 +7,7 @@
 //! everything it returns on error is a status for the client.
 
 use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -14,7 +15,8 @@ use crate::body::Framing;
 use crate::config::{Config, HeaderRule, Peer, TemplatePart, Variable};
 use crate::error::RequestError;
 use crate::fields::{
-    is_hop_or_framing, is_token_byte, is_valid_host, list_items, parse_content_length, trim_ows,
+    header_slots, is_hop_or_framing, is_token_byte, is_valid_host, list_items,
+    parse_content_length, trim_ows, STACK_HEADERS,
 };
 use crate::io::PeerInfo;
 use crate::upgrade::{websocket_accept, ACCEPT_LEN};
@@ -92,9 +94,12 @@ pub(crate) fn parse_request<'p>(
     }
     check_line_endings(head).map_err(RequestError::Malformed)?;
 
-    let mut storage = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut storage);
-    match req.parse(head) {
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots = header_slots(&mut stack, &mut heap, limits.max_headers);
+    let mut req = httparse::Request::new(&mut []);
+    match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, head, slots)
+    {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(RequestError::Malformed("incomplete head")),
         Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeadTooLarge),
@@ -586,6 +591,19 @@ mod tests {
             let got = run(&config(), head).map(|_| ()).map_err(|e| e.status());
             assert_eq!(got, Err(*status), "{head:?}");
         }
+    }
+
+    #[test]
+    fn header_counts_beyond_the_stack_slots() {
+        let mut c = config();
+        c.limits.max_headers = 300;
+        let fields: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();
+        let r = run(&c, &format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n"))
+            .expect("200 fields allowed");
+        assert!(String::from_utf8_lossy(&r.upstream_head).contains("X-199: v\r\n"));
+        c.limits.max_headers = 150;
+        let e = run(&c, &format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n")).map(|_| ());
+        assert_eq!(e.map_err(|e| e.status()), Err(431));
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! [`ResponseError`], which the session turns into a 502.
 
 use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::body::Framing;
 use crate::error::ResponseError;
-use crate::fields::{is_hop_or_framing, list_contains, list_items, parse_content_length, trim_ows};
+use crate::fields::{
+    header_slots, is_hop_or_framing, list_contains, list_items, parse_content_length, trim_ows,
+    STACK_HEADERS,
+};
 use crate::request::{check_line_endings, UpgradeRequest};
 
 /// What the session knows about the request being answered.
@@ -69,9 +73,13 @@ pub(crate) fn parse_response(
     ctx: &ResponseContext<'_>,
 ) -> Result<Response, ResponseError> {
     check_line_endings(head).map_err(ResponseError::Malformed)?;
-    let mut storage = vec![httparse::EMPTY_HEADER; ctx.max_headers];
-    let mut res = httparse::Response::new(&mut storage);
-    match res.parse(head) {
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots = header_slots(&mut stack, &mut heap, ctx.max_headers);
+    let mut res = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, head, slots)
+    {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(ResponseError::Malformed("incomplete head")),
         Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::HeadTooLarge),
