@@ -512,11 +512,10 @@ mod tests {
     use super::*;
 
     fn load_str(text: &str, flags: &Overrides) -> Result<Settings, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "switchyard-settings-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-settings-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let path = dir.join("switchyard.toml");
         std::fs::write(&path, text).map_err(|e| e.to_string())?;
@@ -556,6 +555,17 @@ mod tests {
         assert_eq!(s.config.limits.max_body, 2 << 20);
         assert_eq!(s.config.host, HostPolicy::Upstream);
         assert!(s.to_toml().contains("read = \"5s\""));
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../switchyard.example.toml");
+        let s = load_str(text, &Overrides::default()).expect("switchyard.example.toml is valid");
+        assert_eq!(s.config.upstream.peers.len(), 2);
+        assert_eq!(s.config.timeouts.tunnel_idle, Duration::from_secs(3600));
+        assert_eq!(s.config.timeouts.tunnel_lifetime, None);
+        assert_eq!(s.config.trusted_proxies.len(), 2);
+        assert_eq!(s.config.headers.len(), 2);
     }
 
     #[test]

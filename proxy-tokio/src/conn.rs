@@ -210,14 +210,14 @@ impl Conn {
             if ep.queue.is_empty() {
                 return progressed;
             }
-            let slices: Vec<IoSlice<'_>> = ep
-                .queue
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            let result = stream.try_write_vectored(&slices);
-            drop(slices);
+            // A stack array, not a Vec: this runs once per write on the tunnel path.
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (slot, bytes) in slices.iter_mut().zip(ep.queue.iter()) {
+                *slot = IoSlice::new(bytes);
+                count += 1;
+            }
+            let result = stream.try_write_vectored(&slices[..count]);
             match result {
                 Ok(0) => {
                     self.session
