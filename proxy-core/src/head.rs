@@ -12,18 +12,23 @@ use bytes::{Buf, Bytes, BytesMut};
 pub(crate) enum HeadLimit {
     /// The head is longer than the head limit.
     TooLarge,
-    /// The first line alone is longer than the URI limit allows.
+    /// The first line alone is longer than the line limit allows.
     LineTooLong,
 }
 
 /// Accumulates one head at a time.
+///
+/// The limits are a function of the bytes only, never of how they were split into reads: the
+/// first line is refused ([`HeadLimit::LineTooLong`]) if it is longer than
+/// `min(max_line, max_head)`; otherwise the head is refused ([`HeadLimit::TooLarge`]) if it is
+/// longer than `max_head`. Both are detected as soon as the bytes seen prove them.
 #[derive(Debug, Default)]
 pub(crate) struct HeadReader {
     buf: BytesMut,
-    /// Where scanning resumes in `buf`: everything before it holds no head end.
+    /// Where scanning for the head's end resumes in `buf`: nothing before it ends the head.
     scanned: usize,
-    /// Whether the first line's end has been seen.
-    line_done: bool,
+    /// Where the first LF is in `buf`, once seen.
+    first_lf: Option<usize>,
 }
 
 impl HeadReader {
@@ -41,35 +46,30 @@ impl HeadReader {
         max_head: usize,
         max_line: usize,
     ) -> Result<Option<Bytes>, HeadLimit> {
+        let max_line = max_line.min(max_head);
         loop {
             if self.buf.is_empty() {
-                // Fast path: scan the caller's bytes in place.
-                let (end, line_done) = match scan(input, 0, self.line_done) {
-                    Scan::Found(end) => (end, true),
-                    Scan::NotYet { line_done, .. } => (0, line_done),
-                };
-                if end > 0 {
-                    if is_only_empty_lines(&input[..end]) {
-                        input.advance(end);
-                        continue;
+                // Fast path: scan the caller's bytes in place; a complete head is split off
+                // them without a copy.
+                let first_lf = memchr::memchr(b'\n', input);
+                match scan(input, 0) {
+                    Scan::Found(end) => {
+                        if is_only_empty_lines(&input[..end]) {
+                            input.advance(end);
+                            continue;
+                        }
+                        check(first_lf, end, max_head, max_line)?;
+                        return Ok(Some(strip_leading_empty_lines(input.split_to(end))));
                     }
-                    if end > max_head {
-                        return Err(limit_kind(&input[..end], max_line));
+                    Scan::NotYet { .. } => {
+                        check(first_lf, input.len(), max_head, max_line)?;
+                        self.buf.extend_from_slice(input);
+                        self.scanned = self.buf.len().saturating_sub(2);
+                        self.first_lf = first_lf;
+                        input.advance(input.len());
+                        return Ok(None);
                     }
-                    self.line_done = false;
-                    return Ok(Some(strip_leading_empty_lines(input.split_to(end))));
                 }
-                self.line_done = line_done;
-                if input.len() > max_head {
-                    return Err(limit_kind(input, max_line));
-                }
-                if !line_done && input.len() > max_line {
-                    return Err(HeadLimit::LineTooLong);
-                }
-                self.buf.extend_from_slice(input);
-                self.scanned = resume_point(&self.buf);
-                input.advance(input.len());
-                return Ok(None);
             }
 
             let old_len = self.buf.len();
@@ -77,31 +77,26 @@ impl HeadReader {
             let room = (max_head + 4).saturating_sub(old_len);
             let take = input.len().min(room);
             self.buf.extend_from_slice(&input[..take]);
-            match scan(&self.buf, self.scanned, self.line_done) {
+            if self.first_lf.is_none() {
+                self.first_lf = memchr::memchr(b'\n', &self.buf[old_len..]).map(|i| i + old_len);
+            }
+            match scan(&self.buf, self.scanned) {
                 Scan::Found(end) => {
+                    check(self.first_lf, end, max_head, max_line)?;
                     input.advance(end - old_len);
                     self.buf.truncate(end);
                     let head = std::mem::take(&mut self.buf).freeze();
                     self.scanned = 0;
-                    self.line_done = false;
+                    self.first_lf = None;
                     if is_only_empty_lines(&head) {
                         continue;
                     }
-                    if end > max_head {
-                        return Err(limit_kind(&head, max_line));
-                    }
                     return Ok(Some(strip_leading_empty_lines(head)));
                 }
-                Scan::NotYet { resume, line_done } => {
+                Scan::NotYet { resume } => {
+                    check(self.first_lf, self.buf.len(), max_head, max_line)?;
                     input.advance(take);
                     self.scanned = resume;
-                    self.line_done = line_done;
-                    if self.buf.len() > max_head {
-                        return Err(limit_kind(&self.buf, max_line));
-                    }
-                    if !line_done && self.buf.len() > max_line {
-                        return Err(HeadLimit::LineTooLong);
-                    }
                     return Ok(None);
                 }
             }
@@ -112,55 +107,57 @@ impl HeadReader {
     pub(crate) fn clear(&mut self) {
         self.buf = BytesMut::new();
         self.scanned = 0;
-        self.line_done = false;
+        self.first_lf = None;
     }
+}
+
+/// Applies the limits to a head of which `seen` bytes are known (the whole head when it is
+/// complete) and whose first LF is at `first_lf`, if seen.
+fn check(
+    first_lf: Option<usize>,
+    seen: usize,
+    max_head: usize,
+    max_line: usize,
+) -> Result<(), HeadLimit> {
+    let line_too_long = match first_lf {
+        Some(lf) => lf > max_line,
+        None => seen > max_line,
+    };
+    if line_too_long {
+        return Err(HeadLimit::LineTooLong);
+    }
+    if seen > max_head {
+        return Err(HeadLimit::TooLarge);
+    }
+    Ok(())
 }
 
 enum Scan {
     /// The head ends at this index (exclusive).
     Found(usize),
     /// No end yet; rescan from `resume`.
-    NotYet { resume: usize, line_done: bool },
+    NotYet { resume: usize },
 }
 
 /// Looks for the blank line ending a head, from `from`. A head ends at the first LF that is
 /// followed by CRLF or by a bare LF; bare LFs are rejected later by the parser's checks, but must
 /// still end the scan so that a bare-LF head cannot hide bytes behind it.
-fn scan(buf: &[u8], from: usize, mut line_done: bool) -> Scan {
+fn scan(buf: &[u8], from: usize) -> Scan {
     let mut pos = from;
     while let Some(off) = memchr::memchr(b'\n', &buf[pos..]) {
         let lf = pos + off;
-        line_done = true;
         match buf.get(lf + 1) {
-            None => {
-                return Scan::NotYet {
-                    resume: lf,
-                    line_done,
-                }
-            }
+            None => return Scan::NotYet { resume: lf },
             Some(b'\n') => return Scan::Found(lf + 2),
             Some(b'\r') => match buf.get(lf + 2) {
-                None => {
-                    return Scan::NotYet {
-                        resume: lf,
-                        line_done,
-                    }
-                }
+                None => return Scan::NotYet { resume: lf },
                 Some(b'\n') => return Scan::Found(lf + 3),
                 Some(_) => pos = lf + 1,
             },
             Some(_) => pos = lf + 1,
         }
     }
-    Scan::NotYet {
-        resume: buf.len(),
-        line_done,
-    }
-}
-
-fn resume_point(buf: &[u8]) -> usize {
-    // Rescan the last two bytes: they may start a blank line completed by the next piece.
-    buf.len().saturating_sub(2)
+    Scan::NotYet { resume: buf.len() }
 }
 
 fn strip_leading_empty_lines(mut head: Bytes) -> Bytes {
@@ -172,13 +169,6 @@ fn strip_leading_empty_lines(mut head: Bytes) -> Bytes {
 
 fn is_only_empty_lines(head: &[u8]) -> bool {
     head.iter().all(|b| *b == b'\r' || *b == b'\n')
-}
-
-fn limit_kind(bytes: &[u8], max_line: usize) -> HeadLimit {
-    match memchr::memchr(b'\n', bytes) {
-        Some(i) if i <= max_line => HeadLimit::TooLarge,
-        _ => HeadLimit::LineTooLong,
-    }
 }
 
 #[cfg(test)]
@@ -264,6 +254,61 @@ mod tests {
         big.extend(std::iter::repeat_n(b'x', 2000));
         let mut big = Bytes::from(big);
         assert_eq!(r.push(&mut big, 1024, 512), Err(HeadLimit::TooLarge));
+    }
+
+    /// The verdict on any byte string is the same whole and byte by byte.
+    #[test]
+    fn limits_do_not_depend_on_reads() {
+        let cases: Vec<Vec<u8>> = vec![
+            [
+                vec![b'M'; 40],
+                b" /".to_vec(),
+                vec![b't'; 59],
+                b" HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            [
+                vec![b'M'; 80],
+                b" /ttttt HTTP/1.1\r\nHost: example.com\r\n".to_vec(),
+            ]
+            .concat(),
+            [
+                b"GET /".to_vec(),
+                vec![b't'; 245],
+                b" HTTP/1.1\r\nX-Pad: p\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            [
+                b"GET / HTTP/1.1\r\nX: ".to_vec(),
+                vec![b'p'; 300],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+        ];
+        for (max_head, max_line) in [(256, 96), (256, 288), (128, 64)] {
+            for msg in &cases {
+                let verdict = |pieces: Vec<&[u8]>| {
+                    let mut r = HeadReader::default();
+                    for p in pieces {
+                        let mut b = Bytes::copy_from_slice(p);
+                        match r.push(&mut b, max_head, max_line) {
+                            Ok(Some(h)) => return Ok(Some(h.len())),
+                            Ok(None) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(None)
+                };
+                let whole = verdict(vec![&msg[..]]);
+                let bytewise = verdict(msg.chunks(1).collect());
+                assert_eq!(
+                    whole,
+                    bytewise,
+                    "limits {max_head}/{max_line} on {:?}",
+                    String::from_utf8_lossy(msg)
+                );
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::response::{
 };
 use crate::timer::Timer;
 
+/// Room on the request line beyond the request-target: method, spaces and version.
+const REQUEST_LINE_SLACK: usize = 32;
+
 /// More interim responses than this before a final one is an upstream fault.
 const MAX_INTERIM: u8 = 16;
 
@@ -213,12 +216,9 @@ impl Session {
                 self.config.timeouts.request_head,
             );
         }
-        let before = chunk.len();
         let limits = &self.config.limits;
-        let result = self
-            .request_head
-            .push(&mut chunk, limits.max_head, limits.max_uri + 32);
-        let consumed = before - chunk.len();
+        let (max_head, max_line) = (limits.max_head, limits.max_uri + REQUEST_LINE_SLACK);
+        let result = self.request_head.push(&mut chunk, max_head, max_line);
         if !chunk.is_empty() {
             self.client_rx_len += chunk.len();
             self.client_rx.push_front(chunk);
@@ -230,11 +230,16 @@ impl Session {
             }
             Ok(None) => true,
             Err(limit) => {
-                let err = match limit {
-                    HeadLimit::TooLarge => RequestError::HeadTooLarge,
-                    HeadLimit::LineTooLong => RequestError::UriTooLong,
+                // The head is refused at the byte that crossed the limit; logging that count
+                // (rather than however much the last read happened to hold) keeps the log
+                // independent of how the bytes were split into reads.
+                let (err, accepted) = match limit {
+                    HeadLimit::TooLarge => (RequestError::HeadTooLarge, max_head + 1),
+                    HeadLimit::LineTooLong => {
+                        (RequestError::UriTooLong, max_line.min(max_head) + 1)
+                    }
                 };
-                self.refuse(String::new(), consumed as u64, err);
+                self.refuse(String::new(), accepted as u64, err);
                 false
             }
         }
