@@ -27,8 +27,9 @@ pub async fn ws_echo() -> SocketAddr {
                             return;
                         }
                     } else if msg.is_close() {
-                        // tungstenite queues the echoed close frame; flush it.
-                        let _ = ws.close(None).await;
+                        // tungstenite queued the close reply when it read the close; keep
+                        // polling so that it is flushed, until the stream ends.
+                        while let Some(Ok(_)) = ws.next().await {}
                         return;
                     }
                 }

@@ -1,0 +1,629 @@
+//! The `switchyard` binary as a user runs it: flags, readiness, round-robin, the access log on
+//! stdout, signals, `check-config`, startup errors, `demo` and `--help`.
+//!
+//! Every spawned process is owned by a [`Proc`] guard that kills it when the test ends, pass or
+//! fail. Every wait is bounded by [`WAIT`].
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long any single wait may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+// ---- process helpers ----
+
+/// Everything a child wrote to one of its pipes, filled by a reader thread.
+#[derive(Clone, Default)]
+struct Captured {
+    inner: Arc<(Mutex<(String, bool)>, Condvar)>,
+}
+
+impl Captured {
+    fn start(mut pipe: impl Read + Send + 'static) -> Captured {
+        let captured = Captured::default();
+        let inner = Arc::clone(&captured.inner);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = pipe.read(&mut buf).unwrap_or(0);
+                let (lock, changed) = &*inner;
+                let Ok(mut state) = lock.lock() else { return };
+                if n == 0 {
+                    state.1 = true;
+                    changed.notify_all();
+                    return;
+                }
+                state.0.push_str(&String::from_utf8_lossy(&buf[..n]));
+                changed.notify_all();
+            }
+        });
+        captured
+    }
+
+    fn text(&self) -> String {
+        self.inner.0.lock().map(|s| s.0.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `done(text)`; returns the text, or `None` if the pipe closed or
+    /// WAIT passed first.
+    fn wait_until(&self, done: impl Fn(&str) -> bool) -> Option<String> {
+        let (lock, changed) = &*self.inner;
+        let guard = lock.lock().expect("capture lock");
+        let (guard, _) = changed
+            .wait_timeout_while(guard, WAIT, |s| !done(&s.0) && !s.1)
+            .expect("capture lock");
+        done(&guard.0).then(|| guard.0.clone())
+    }
+
+    /// Waits (bounded) for the pipe to close; returns everything written.
+    fn wait_closed(&self) -> String {
+        let (lock, changed) = &*self.inner;
+        let guard = lock.lock().expect("capture lock");
+        let (guard, _) = changed
+            .wait_timeout_while(guard, WAIT, |s| !s.1)
+            .expect("capture lock");
+        assert!(guard.1, "output still open {WAIT:?} after exit");
+        guard.0.clone()
+    }
+}
+
+/// A running `switchyard`, killed on drop.
+struct Proc {
+    child: Child,
+    stdout: Captured,
+    stderr: Captured,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchyard");
+        let stdout = Captured::start(child.stdout.take().expect("piped stdout"));
+        let stderr = Captured::start(child.stderr.take().expect("piped stderr"));
+        Proc {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the startup line on stderr; panics with the output if the process exits or
+    /// WAIT passes first.
+    fn wait_ready(&self) {
+        if self
+            .stderr
+            .wait_until(|s| s.contains("listening on"))
+            .is_none()
+        {
+            panic!(
+                "switchyard did not report `listening on`; stderr: {:?}, stdout: {:?}",
+                self.stderr.text(),
+                self.stdout.text()
+            );
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} failed");
+    }
+
+    /// Waits (bounded polling of the child's status) for the process to exit.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("child status") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard still running {WAIT:?} later; stderr: {:?}",
+                self.stderr.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `switchyard args` to completion (bounded): status, stdout, stderr.
+    fn run(args: &[&str]) -> (ExitStatus, String, String) {
+        let mut p = Proc::spawn(args);
+        let status = p.wait_exit();
+        (status, p.stdout.wait_closed(), p.stderr.wait_closed())
+    }
+}
+
+/// A free loopback port: bound, read, released.
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway listener");
+    l.local_addr().expect("throwaway address")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("test runtime")
+}
+
+/// A temporary file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-binary-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+// ---- peers ----
+
+/// A tiny keep-alive HTTP origin answering every request (no bodies expected) with `200` and
+/// body `name`; records request lines.
+async fn named_origin(name: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("origin address");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let head_len = loop {
+                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head: Vec<u8> = pending.drain(..head_len).collect();
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    if let Ok(mut v) = record.lock() {
+                        v.push(line);
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A WebSocket echo server.
+async fn ws_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    } else if msg.is_close() {
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `request` on a new connection and reads until the peer closes (bounded).
+async fn exchange_until_close(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect within WAIT")
+        .expect("connect to switchyard");
+    stream.write_all(request).await.expect("write request");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no close within WAIT; got {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+        .expect("read response");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connects a WebSocket client to `url`, sends a text and a binary message and expects both
+/// back, then closes cleanly.
+async fn ws_round_trip(url: &str) {
+    let (mut ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake within WAIT")
+        .expect("WebSocket handshake through switchyard");
+    assert_eq!(response.status().as_u16(), 101);
+    for msg in [
+        Message::text("hello through switchyard"),
+        Message::binary(vec![0u8, 1, 2, 255]),
+    ] {
+        ws.send(msg.clone()).await.expect("send message");
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("echo within WAIT");
+        match echoed {
+            Some(Ok(m)) => assert_eq!(m, msg),
+            other => panic!("expected the echo of {msg:?}, got {other:?}"),
+        }
+    }
+    ws.close(None).await.expect("send close");
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "close handshake within WAIT");
+}
+
+// ---- A: the flags contract ----
+
+#[test]
+fn flags_round_robin_access_log_and_sigterm() {
+    let rt = runtime();
+    let ((a, seen_a), (b, seen_b)) =
+        rt.block_on(async { (named_origin("A").await, named_origin("B").await) });
+    let listen = free_addr();
+    let (listen_s, a_s, b_s) = (listen.to_string(), a.to_string(), b.to_string());
+    let mut proc = Proc::spawn(&[
+        "--listen",
+        &listen_s,
+        "--upstream",
+        &a_s,
+        "--upstream",
+        &b_s,
+        "--connect-timeout",
+        "5s",
+        "--read-timeout",
+        "60s",
+        "--send-timeout",
+        "60s",
+        "--tunnel-idle-timeout",
+        "1h",
+        "--workers",
+        "2",
+        "--access-log",
+        "-",
+    ]);
+    proc.wait_ready();
+
+    let bodies: Vec<String> = rt.block_on(async {
+        let mut bodies = Vec::new();
+        for i in 0..4 {
+            let request = format!("GET /rr{i} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+            let response = exchange_until_close(listen, request.as_bytes()).await;
+            let body = response
+                .strip_prefix("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n")
+                .unwrap_or_else(|| panic!("unexpected response {response:?}"))
+                .to_owned();
+            bodies.push(body);
+        }
+        bodies
+    });
+    assert!(
+        bodies == ["A", "B", "A", "B"] || bodies == ["B", "A", "B", "A"],
+        "round-robin alternates between the two upstreams: {bodies:?}"
+    );
+    let lines_a = seen_a.lock().expect("origin A record").clone();
+    let lines_b = seen_b.lock().expect("origin B record").clone();
+    assert_eq!(lines_a.len(), 2, "origin A: {lines_a:?}");
+    assert_eq!(lines_b.len(), 2, "origin B: {lines_b:?}");
+
+    let log = proc
+        .stdout
+        .wait_until(|s| s.lines().count() >= 4)
+        .unwrap_or_else(|| panic!("4 access log lines; stdout: {:?}", proc.stdout.text()));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    for i in 0..4 {
+        let needle = format!("\"GET /rr{i} HTTP/1.1\" 200 1 ");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(&needle)).count(),
+            1,
+            "one line with {needle:?} in {log}"
+        );
+    }
+    assert!(
+        lines.iter().all(|l| l.starts_with("127.0.0.1 - - [")),
+        "{log}"
+    );
+
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+    let stdout = proc.stdout.wait_closed();
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    let stderr = proc.stderr.wait_closed();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// ---- B: WebSocket through the binary ----
+
+#[test]
+fn websocket_echo_through_the_binary() {
+    let rt = runtime();
+    let echo = rt.block_on(ws_echo());
+    let listen = free_addr();
+    let (listen_s, echo_s) = (listen.to_string(), echo.to_string());
+    let mut proc = Proc::spawn(&[
+        "--listen",
+        &listen_s,
+        "--upstream",
+        &echo_s,
+        "--workers",
+        "1",
+    ]);
+    proc.wait_ready();
+    rt.block_on(ws_round_trip(&format!("ws://{listen}/chat")));
+    // The finished tunnel is logged with status 101.
+    proc.stdout
+        .wait_until(|s| s.contains("\"GET /chat HTTP/1.1\" 101 "))
+        .unwrap_or_else(|| panic!("tunnel access log line; stdout: {:?}", proc.stdout.text()));
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+}
+
+// ---- C: check-config ----
+
+#[test]
+fn check_config_prints_effective_config() {
+    let file = TempFile::new(
+        "good.toml",
+        "listen = [\"127.0.0.1:18080\"]\n\n[upstream]\npeers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\n\n\
+         [timeouts]\ntunnel_idle = \"2h\"\nread = \"90s\"\n",
+    );
+    let (status, stdout, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(status.success(), "{status}; stderr: {stderr}");
+    assert!(stdout.contains(file.path()), "{stdout}");
+    for expected in [
+        "tunnel_idle = \"2h\"",
+        "read = \"90s\"",
+        "connect = \"1m\"",
+        "peers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+        "listen = [\"127.0.0.1:18080\"]",
+        "max_body = 1048576",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_config_unknown_key_names_file_line_and_key() {
+    let file = TempFile::new(
+        "unknown.toml",
+        "[upstream]\npeers = [\"127.0.0.1:9000\"]\n\n[timeouts]\nread = \"5s\"\nreed = \"5s\"\n",
+    );
+    let (status, stdout, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(!status.success(), "unknown key accepted; stdout: {stdout}");
+    for expected in [file.path(), "line 6", "reed"] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+const BAD_DURATION: &str =
+    "[upstream]\npeers = [\"127.0.0.1:9000\"]\n\n[timeouts]\nconnect = \"5x\"\n";
+
+#[test]
+fn check_config_bad_duration_names_file_and_line() {
+    let file = TempFile::new("duration.toml", BAD_DURATION);
+    let (status, stdout, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(!status.success(), "bad duration accepted; stdout: {stdout}");
+    for expected in [file.path(), "line 5", "duration", "\"5x\""] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// settings.rs promises that "every error names the file, the line, the key and what was
+/// expected"; for a value that fails to deserialize (here a bad duration) the key is lost.
+#[test]
+#[ignore = "proxy bug: a bad duration value's error does not name its key (settings::one_line drops the TOML excerpt and the key path)"]
+fn check_config_bad_duration_names_the_key() {
+    let file = TempFile::new("duration.toml", BAD_DURATION);
+    let (status, stdout, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(!status.success(), "bad duration accepted; stdout: {stdout}");
+    for expected in [file.path(), "line 5", "connect"] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in: {stderr}"
+        );
+    }
+}
+
+// ---- D: startup errors ----
+
+/// The error output is one line starting `switchyard: error:`, without a panic or backtrace.
+fn assert_one_line_error(stderr: &str, needle: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr:?}");
+    assert!(lines[0].starts_with("switchyard: error: "), "{stderr:?}");
+    assert!(lines[0].contains(needle), "{needle:?} missing: {stderr:?}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr:?}"
+    );
+}
+
+#[test]
+fn port_in_use_is_a_one_line_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the port to take");
+    let addr = taken.local_addr().expect("taken address").to_string();
+    let (status, _stdout, stderr) = Proc::run(&["--listen", &addr, "--upstream", "127.0.0.1:9"]);
+    assert!(!status.success(), "started on a port in use");
+    assert_one_line_error(&stderr, &format!("cannot listen on {addr}"));
+    drop(taken);
+}
+
+#[test]
+fn runtime_smol_is_a_clear_error() {
+    let listen = free_addr().to_string();
+    let (status, _stdout, stderr) = Proc::run(&[
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+        "--runtime",
+        "smol",
+    ]);
+    assert!(!status.success(), "--runtime smol accepted");
+    assert_one_line_error(&stderr, "--runtime smol is not available");
+    assert!(stderr.contains("--runtime tokio"), "{stderr}");
+}
+
+#[test]
+fn no_upstream_is_a_clear_error() {
+    let listen = free_addr().to_string();
+    let (status, _stdout, stderr) = Proc::run(&["--listen", &listen]);
+    assert!(!status.success(), "started without an upstream");
+    assert_one_line_error(&stderr, "no upstream");
+    assert!(stderr.contains("--upstream"), "{stderr}");
+}
+
+// ---- E: demo ----
+
+#[test]
+fn demo_serves_page_and_echo_then_stops_on_sigint() {
+    let rt = runtime();
+    let listen = free_addr();
+    let listen_s = listen.to_string();
+    let mut proc = Proc::spawn(&["demo", "--listen", &listen_s]);
+    proc.wait_ready();
+    let response = rt.block_on(exchange_until_close(
+        listen,
+        b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
+    ));
+    assert!(
+        response.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{:?}",
+        response.get(..200)
+    );
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(
+        head.contains("Content-Type: text/html; charset=utf-8"),
+        "{head}"
+    );
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.parse().ok())
+        .expect("Content-Length");
+    assert_eq!(body.len(), length);
+    assert!(body.contains("switchyard demo"), "{body}");
+    rt.block_on(ws_round_trip(&format!("ws://{listen}/ws")));
+    proc.signal("-INT");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+    assert!(
+        proc.stdout
+            .wait_closed()
+            .contains(&format!("http://{listen}/")),
+        "the demo prints its address"
+    );
+}
+
+// ---- F: --help ----
+
+#[test]
+fn help_mentions_the_timeouts() {
+    let (status, stdout, stderr) = Proc::run(&["--help"]);
+    assert!(status.success(), "{status}; stderr: {stderr}");
+    for flag in [
+        "--tunnel-idle-timeout",
+        "--read-timeout",
+        "--upstream",
+        "check-config",
+    ] {
+        assert!(
+            stdout.contains(flag),
+            "{flag} missing from --help:\n{stdout}"
+        );
+    }
+}
