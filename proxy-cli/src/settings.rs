@@ -174,7 +174,11 @@ impl Settings {
                     SettingsError(format!("cannot read config file {}: {e}", p.display()))
                 })?;
                 let file: File = toml::from_str(&text).map_err(|e| {
-                    SettingsError(format!("config error in {}: {}", p.display(), one_line(&e)))
+                    SettingsError(format!(
+                        "config error in {}: {}",
+                        p.display(),
+                        one_line(&e, &text)
+                    ))
                 })?;
                 (file, Some((p.to_path_buf(), text)))
             }
@@ -462,21 +466,36 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
-/// The toml error's first line plus its message, without the source excerpt.
-fn one_line(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_owned();
-    match e.span() {
-        Some(_) => {
-            let text = e.to_string();
-            let head = text
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("TOML parse error at ")
-                .to_owned();
-            format!("{head}: {msg}")
-        }
-        None => msg,
+/// A toml error as one line: where it is (line, column), which key (with its `[section]`), and
+/// what was expected; without the source excerpt toml would print.
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim();
+    let Some(span) = e.span() else {
+        return msg.to_owned();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..start].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+        .or_else(|| {
+            let k = line.trim();
+            (!k.is_empty() && !k.starts_with('[')).then(|| k.to_owned())
+        });
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_owned());
+    match (key, section) {
+        (Some(k), Some(sec)) => format!("line {line_no}, column {column}, key `{sec}.{k}`: {msg}"),
+        (Some(k), None) => format!("line {line_no}, column {column}, key `{k}`: {msg}"),
+        (None, _) => format!("line {line_no}, column {column}: {msg}"),
     }
 }
 

@@ -505,7 +505,6 @@ fn check_config_bad_duration_names_file_and_line() {
 /// settings.rs promises that "every error names the file, the line, the key and what was
 /// expected"; for a value that fails to deserialize (here a bad duration) the key is lost.
 #[test]
-#[ignore = "proxy bug: a bad duration value's error does not name its key (settings::one_line drops the TOML excerpt and the key path)"]
 fn check_config_bad_duration_names_the_key() {
     let file = TempFile::new("duration.toml", BAD_DURATION);
     let (status, stdout, stderr) = Proc::run(&["check-config", file.path()]);

@@ -202,7 +202,13 @@ impl Session {
         self.draining = true;
         match self.state {
             State::Idle if self.request_head.is_empty() && self.client_rx_len == 0 => {
-                self.begin_closing()
+                // Between requests with nothing unread or unsent: close now, as the keep-alive
+                // timeout does, rather than linger and delay the shutdown.
+                if self.in_flight[Side::Client.index()] == 0 {
+                    self.close_all();
+                } else {
+                    self.begin_closing();
+                }
             }
             State::Tunnel(_) => self
                 .timers
