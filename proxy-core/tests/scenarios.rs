@@ -834,7 +834,10 @@ fn drain_closes_idle_finishes_exchange_and_deadlines_tunnel() {
     let now = sim.now;
     sim.session.start_drain(now, now + Duration::from_secs(30));
     sim.drain();
-    assert!(sim.closed(Side::Client), "an idle connection closes at once on drain");
+    assert!(
+        sim.closed(Side::Client),
+        "an idle connection closes at once on drain"
+    );
     assert!(!sim.shut(Side::Client), "no linger: nothing was unread");
 
     let mut sim = Sim::default_config();
