@@ -17,8 +17,38 @@ use tokio_tungstenite::WebSocketStream;
 const PAGE: &str = include_str!("demo.html");
 const MAX_HEAD: usize = 16 * 1024;
 
+/// Starts the echo upstream on its own thread (with a small tokio runtime, whatever runtime the
+/// proxy uses) and returns its address.
+pub fn start_upstream_thread() -> std::io::Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("demo-upstream".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let started = spawn_upstream().await;
+                let ok = started.is_ok();
+                let _ = tx.send(started);
+                if ok {
+                    std::future::pending::<()>().await;
+                }
+            });
+        })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("demo upstream thread ended"))?
+}
+
 /// Starts the echo upstream on 127.0.0.1 and returns its address.
-pub async fn spawn_upstream() -> std::io::Result<SocketAddr> {
+async fn spawn_upstream() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

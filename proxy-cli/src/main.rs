@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use settings::{Overrides, RuntimeKind, Settings};
@@ -135,23 +135,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             access_log,
             runtime,
         }) => {
-            check_runtime(runtime)?;
-            let rt = build_runtime(1)?;
-            rt.block_on(async {
-                let upstream = demo::spawn_upstream().await.context("cannot start the demo upstream")?;
-                let flags = Overrides {
-                    listen: vec![listen],
-                    upstream: vec![upstream.to_string()],
-                    access_log: Some(access_log),
-                    workers: Some(1),
-                    ..Default::default()
-                };
-                let settings = Settings::load(None, &flags)?;
-                let listeners = bind(&settings)?;
-                let shown = listeners.first().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default();
-                println!("switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it");
-                serve_until_signal(settings, listeners).await
-            })
+            let upstream =
+                demo::start_upstream_thread().context("cannot start the demo upstream")?;
+            let flags = Overrides {
+                listen: vec![listen],
+                upstream: vec![upstream.to_string()],
+                access_log: Some(access_log),
+                workers: Some(1),
+                runtime: Some(runtime),
+                ..Default::default()
+            };
+            let settings = Settings::load(None, &flags)?;
+            let listeners = bind(&settings)?;
+            let shown = listeners
+                .first()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            println!(
+                "switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it"
+            );
+            serve(settings, listeners)
         }
         None => {
             let a = cli.run;
@@ -168,34 +172,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 access_log: a.access_log,
             };
             let settings = Settings::load(a.config.as_deref(), &flags)?;
-            check_runtime(settings.runtime)?;
-            // Bind before starting the runtime so that "address in use" is reported at once.
+            // Bind before starting a runtime so that "address in use" is reported at once.
             let listeners = bind(&settings)?;
-            let rt = build_runtime(settings.workers)?;
-            rt.block_on(serve_until_signal(settings, listeners))
+            serve(settings, listeners)
         }
     }
-}
-
-fn check_runtime(runtime: RuntimeKind) -> anyhow::Result<()> {
-    if runtime == RuntimeKind::Smol {
-        bail!("--runtime smol is not available in this build yet (it arrives with the proxy-smol adapter); use --runtime tokio");
-    }
-    Ok(())
-}
-
-fn build_runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    builder
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")
 }
 
 fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
@@ -206,10 +187,11 @@ fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
         .collect()
 }
 
-async fn serve_until_signal(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
+/// Runs the proxy on the configured runtime until a signal has drained it.
+fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
     let sink = access_log::sink(&settings.access_log)
         .with_context(|| format!("cannot open access log {}", settings.access_log.describe()))?;
-    let mut options = proxy_tokio::ServeOptions::default();
+    let mut options = proxy_core::adapter::AdapterOptions::default();
     options.drain_timeout = settings.drain_timeout;
     options.pool_idle_timeout = settings.pool_idle_timeout;
     options.pool_max_per_peer = settings.pool_max_idle;
@@ -226,47 +208,98 @@ async fn serve_until_signal(settings: Settings, listeners: Vec<TcpListener>) -> 
         .iter()
         .map(ToString::to_string)
         .collect();
+    let workers = settings.workers.max(1);
+    let runtime = match settings.runtime {
+        RuntimeKind::Tokio => "tokio",
+        RuntimeKind::Smol => "smol",
+    };
     tracing::info!(
-        "switchyard listening on {} -> {} (runtime tokio, {} worker{})",
+        "switchyard listening on {} -> {} (runtime {runtime}, {workers} worker{})",
         addrs.join(", "),
         peers.join(", "),
-        settings.workers,
-        if settings.workers == 1 { "" } else { "s" }
+        if workers == 1 { "" } else { "s" }
     );
-    let shutdown = proxy_tokio::Shutdown::new();
-    let trigger = shutdown.clone();
-    let drain = settings.drain_timeout;
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: no new connections, draining (tunnels get {}); signal again to exit now", units::format_duration(drain));
-        trigger.trigger();
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
-    proxy_tokio::serve(Arc::new(settings.config), listeners, options, shutdown).await?;
+    let shutdown = proxy_core::adapter::Shutdown::new();
+    signals::install(shutdown.clone(), settings.drain_timeout)?;
+    let config = Arc::new(settings.config);
+    match settings.runtime {
+        RuntimeKind::Tokio => {
+            let mut builder = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(workers);
+                b
+            };
+            let rt = builder
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            rt.block_on(proxy_tokio::serve(config, listeners, options, shutdown))?;
+        }
+        RuntimeKind::Smol => {
+            let ex = Arc::new(smol::Executor::new());
+            let (stop, stopped) = smol::channel::unbounded::<()>();
+            // The calling thread runs the executor too, so N workers are N-1 extra threads.
+            let threads: Vec<_> = (1..workers)
+                .map(|i| {
+                    let (ex, stopped) = (Arc::clone(&ex), stopped.clone());
+                    std::thread::Builder::new()
+                        .name(format!("smol-worker-{i}"))
+                        .spawn(move || smol::block_on(ex.run(stopped.recv())))
+                })
+                .collect::<Result<_, _>>()
+                .context("cannot start smol worker threads")?;
+            let spawner = {
+                let ex = Arc::clone(&ex);
+                move |task| ex.spawn(task).detach()
+            };
+            let served = smol::block_on(ex.run(proxy_smol::serve(
+                config, listeners, options, shutdown, spawner,
+            )));
+            drop(stop);
+            for t in threads {
+                let _ = t.join();
+            }
+            served?;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+mod signals {
+    //! SIGINT/SIGTERM handling on a plain thread, the same for every runtime: the first signal
+    //! starts a graceful drain, a second one exits at once.
+
+    use std::time::Duration;
+
+    use anyhow::Context as _;
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::iterator::Signals;
+
+    pub fn install(shutdown: proxy_core::adapter::Shutdown, drain: Duration) -> anyhow::Result<()> {
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut seen = 0;
+                for _ in signals.forever() {
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!(
+                            "shutting down: no new connections, draining (tunnels get {}); signal again to exit now",
+                            crate::units::format_duration(drain)
+                        );
+                        shutdown.trigger();
+                    } else {
+                        tracing::warn!("second signal: exiting now");
+                        std::process::exit(130);
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+            })
+            .context("cannot start the signal thread")?;
+        Ok(())
     }
 }

@@ -25,10 +25,14 @@ pub enum Runtime {
     Tokio,
     /// tokio, multi-threaded with two workers.
     TokioMulti,
+    /// proxy-smol on smol's executor.
+    Smol,
+    /// proxy-smol on async-std's executor.
+    AsyncStd,
 }
 
 /// Instantiates each listed scenario `async fn name(rt: Runtime)` once per runtime, as
-/// `mod name { #[test] fn tokio() ... }`.
+/// `mod name { #[test] fn tokio() ... fn tokio_multi() ... fn smol() ... fn async_std() ... }`.
 #[macro_export]
 macro_rules! runtime_tests {
     ($($name:ident),* $(,)?) => {
@@ -41,6 +45,14 @@ macro_rules! runtime_tests {
                 #[test]
                 fn tokio_multi() {
                     $crate::run_scenario($crate::Runtime::TokioMulti, super::$name);
+                }
+                #[test]
+                fn smol() {
+                    $crate::run_scenario($crate::Runtime::Smol, super::$name);
+                }
+                #[test]
+                fn async_std() {
+                    $crate::run_scenario($crate::Runtime::AsyncStd, super::$name);
                 }
             }
         )*
@@ -165,24 +177,52 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     let thread = std::thread::Builder::new()
         .name(format!("proxy-{rt:?}"))
         .spawn(move || {
-            let runtime = match rt {
-                Runtime::Tokio => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build(),
-                Runtime::TokioMulti => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build(),
-            }
-            .expect("proxy runtime");
-            runtime
-                .block_on(proxy_tokio::serve(
+            let listeners = vec![listener];
+            let served = match rt {
+                Runtime::Tokio | Runtime::TokioMulti => {
+                    let runtime = if rt == Runtime::Tokio {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                    } else {
+                        tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(2)
+                            .enable_all()
+                            .build()
+                    }
+                    .expect("proxy runtime");
+                    runtime.block_on(proxy_tokio::serve(
+                        config,
+                        listeners,
+                        options,
+                        serve_shutdown,
+                    ))
+                }
+                Runtime::Smol => {
+                    let ex = Arc::new(smol::Executor::new());
+                    let spawner = {
+                        let ex = Arc::clone(&ex);
+                        move |task| ex.spawn(task).detach()
+                    };
+                    smol::block_on(ex.run(proxy_smol::serve(
+                        config,
+                        listeners,
+                        options,
+                        serve_shutdown,
+                        spawner,
+                    )))
+                }
+                Runtime::AsyncStd => async_std::task::block_on(proxy_smol::serve(
                     config,
-                    vec![listener],
+                    listeners,
                     options,
                     serve_shutdown,
-                ))
-                .expect("proxy serve");
+                    |task| {
+                        async_std::task::spawn(task);
+                    },
+                )),
+            };
+            served.expect("proxy serve");
         })
         .expect("spawn proxy thread");
     ProxyHandle {
