@@ -23,6 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::config::Peer;
 use crate::event::{Event, ExchangeLog};
 use crate::io::{ConnectError, Input, Output, Side, UpstreamId};
+use crate::pool::IdlePool;
 use crate::session::Session;
 
 /// Receives one record per finished exchange or tunnel (the access log).
@@ -148,6 +149,64 @@ impl Future for Triggered {
     }
 }
 
+/// The upstream keep-alive pool as adapters share it between connection tasks: an [`IdlePool`]
+/// behind a mutex, with the release and check-out rules every adapter follows.
+#[derive(Debug)]
+pub struct SharedPool<S> {
+    pool: Mutex<IdlePool<S>>,
+}
+
+impl<S> SharedPool<S> {
+    /// A pool keeping `max_per_peer` idle connections per peer for `idle_timeout`.
+    pub fn new(idle_timeout: Duration, max_per_peer: usize) -> Self {
+        SharedPool {
+            pool: Mutex::new(IdlePool::new(idle_timeout, max_per_peer)),
+        }
+    }
+
+    /// Takes a released upstream socket: pooled if `reusable`, otherwise (and whatever the pool
+    /// evicts) dropped, which closes it.
+    pub fn release(&self, peer: &Peer, socket: S, reusable: bool, now: Instant) {
+        if reusable {
+            if let Ok(mut pool) = self.pool.lock() {
+                drop(pool.put(peer, socket, now));
+            }
+        }
+    }
+
+    /// The most recent idle connection to `peer` that `alive` accepts; others met on the way are
+    /// dropped. `alive` is the adapter's liveness probe: a non-blocking read that must find
+    /// nothing (an idle HTTP/1.1 connection has nothing to say, and EOF means it was closed).
+    pub fn checkout(&self, peer: &Peer, now: Instant, alive: impl Fn(&S) -> bool) -> Option<S> {
+        let mut pool = self.pool.lock().ok()?;
+        while let Some(socket) = pool.take(peer, now) {
+            if alive(&socket) {
+                return Some(socket);
+            }
+        }
+        None
+    }
+
+    /// Closes connections idle for longer than the timeout.
+    pub fn expire(&self, now: Instant) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.expire(now);
+        }
+    }
+
+    /// Closes every pooled connection and stops pooling (at shutdown).
+    pub fn close_all(&self) {
+        if let Ok(mut pool) = self.pool.lock() {
+            *pool = IdlePool::new(Duration::ZERO, 0);
+        }
+    }
+}
+
+/// True when a non-blocking probe read of an idle connection found nothing to read.
+pub fn idle_probe_ok(result: io::Result<usize>) -> bool {
+    matches!(result, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 /// Something a [`Connection`] needs the adapter to do that involves a socket, a pool or a log.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -213,6 +272,20 @@ pub struct Connection<S> {
     read_closed: [bool; 2],
     upstream_peer: Option<Peer>,
     actions: VecDeque<Action<S>>,
+    draining: bool,
+}
+
+/// What the adapter does after [`Connection::turn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// The session is over: drop the connection.
+    Closed,
+    /// Something changed; call `turn` again without waiting.
+    Again,
+    /// Wait for one of these (plus a pending connect and, unless draining, the shutdown), then
+    /// do the IO and call `turn` again. If nothing at all can wake the connection
+    /// ([`Interest::any`] is false), drop it.
+    Wait(Interest),
 }
 
 impl<S> fmt::Debug for Connection<S> {
@@ -235,7 +308,47 @@ impl<S> Connection<S> {
             read_closed: [false; 2],
             upstream_peer: None,
             actions: VecDeque::new(),
+            draining: false,
         }
+    }
+
+    /// One turn of an adapter's connection loop, everything that needs no waiting: start the
+    /// drain once `shutdown` is triggered, perform every pending action with `perform`, write
+    /// what the sockets accept with `write` (a non-blocking vectored write), and fire a due
+    /// deadline. Returns what to do next.
+    pub fn turn(
+        &mut self,
+        now: Instant,
+        shutdown: &Shutdown,
+        drain_timeout: Duration,
+        mut write: impl FnMut(&S, &[IoSlice<'_>]) -> io::Result<usize>,
+        mut perform: impl FnMut(&mut Self, Action<S>),
+    ) -> Turn {
+        if !self.draining && shutdown.is_triggered() {
+            self.draining = true;
+            self.drain(now, drain_timeout);
+        }
+        while let Some(action) = self.poll_action() {
+            perform(self, action);
+        }
+        if self.is_closed() {
+            return Turn::Closed;
+        }
+        let wrote = self.flush_with(Side::Client, now, &mut write);
+        if wrote | self.flush_with(Side::Upstream, now, &mut write) {
+            return Turn::Again;
+        }
+        let interest = self.interest();
+        if interest.deadline.is_some_and(|d| d <= now) {
+            self.timeout(now);
+            return Turn::Again;
+        }
+        Turn::Wait(interest)
+    }
+
+    /// Whether the drain has begun (then the shutdown signal need not be awaited).
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     /// The session.

@@ -11,7 +11,9 @@ use std::task::Poll;
 use std::time::Instant;
 
 use async_io::{Async, Timer};
-use proxy_core::adapter::{connect_error, Action, Connection};
+use proxy_core::adapter::{
+    connect_error, idle_probe_ok, Action, Connection, Interest as Wanted, Turn,
+};
 use proxy_core::{Peer, PeerInfo, Session, Side, UpstreamId};
 
 use crate::Shared;
@@ -29,33 +31,25 @@ pub(crate) async fn run(stream: Async<TcpStream>, addr: SocketAddr, shared: Arc<
     );
     let mut conn = Connection::new(session, stream);
     let mut connecting: Option<(UpstreamId, Connecting)> = None;
-    let mut draining = false;
     loop {
-        if !draining && shared.shutdown.is_triggered() {
-            draining = true;
-            conn.drain(Instant::now(), shared.options.drain_timeout);
+        let turn = conn.turn(
+            Instant::now(),
+            &shared.shutdown,
+            shared.options.drain_timeout,
+            write,
+            |conn, action| perform(&shared, conn, &mut connecting, action),
+        );
+        match turn {
+            Turn::Closed => break,
+            Turn::Again => continue,
+            Turn::Wait(interest) if !interest.any(connecting.is_some()) => {
+                // Nothing can wake this connection: the session has no way forward; end it
+                // rather than wait forever.
+                tracing::warn!(client = %addr, "connection has nothing left to wait for; closing");
+                break;
+            }
+            Turn::Wait(interest) => wait(&shared, &mut conn, &mut connecting, interest).await,
         }
-        while let Some(action) = conn.poll_action() {
-            perform(&shared, &mut conn, &mut connecting, action);
-        }
-        if conn.is_closed() {
-            break;
-        }
-        let now = Instant::now();
-        let wrote = conn.flush_with(Side::Client, now, write);
-        if wrote | conn.flush_with(Side::Upstream, now, write) {
-            continue;
-        }
-        let interest = conn.interest();
-        if interest.deadline.is_some_and(|d| d <= now) {
-            conn.timeout(now);
-            continue;
-        }
-        if !interest.any(connecting.is_some()) {
-            tracing::warn!(client = %addr, "connection has nothing left to wait for; closing");
-            break;
-        }
-        wait(&shared, &mut conn, &mut connecting, draining).await;
     }
 }
 
@@ -80,7 +74,9 @@ fn perform(
             allow_pooled,
         } => {
             if allow_pooled {
-                if let Some(stream) = pooled(shared, &peer) {
+                if let Some(stream) = shared.pool.checkout(&peer, Instant::now(), |s| {
+                    idle_probe_ok(Read::read(&mut s.get_ref(), &mut [0u8; 1]))
+                }) {
                     drop(conn.connected(id, stream, true, Instant::now()));
                     return;
                 }
@@ -100,12 +96,7 @@ fn perform(
             peer,
             reusable,
         } => {
-            if reusable {
-                if let Ok(mut pool) = shared.pool.lock() {
-                    // Whatever the pool hands back (an evicted connection) is dropped: closed.
-                    drop(pool.put(&peer, socket, Instant::now()));
-                }
-            }
+            shared.pool.release(&peer, socket, reusable, Instant::now());
         }
         Action::Event(log) => (shared.options.events)(&log),
         other => tracing::debug!(?other, "action not handled by this adapter version"),
@@ -135,28 +126,13 @@ async fn connect(peer: Peer) -> io::Result<Async<TcpStream>> {
     Err(last)
 }
 
-/// A live pooled connection to `peer`, if any; closed or dirty ones are dropped.
-fn pooled(shared: &Shared, peer: &Peer) -> Option<Async<TcpStream>> {
-    let mut pool = shared.pool.lock().ok()?;
-    let now = Instant::now();
-    while let Some(stream) = pool.take(peer, now) {
-        let mut probe = [0u8; 1];
-        if let Err(e) = Read::read(&mut stream.get_ref(), &mut probe) {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Some(stream);
-            }
-        }
-    }
-    None
-}
-
 /// Sleeps until a socket the connection is interested in is ready, a connect finishes, the
 /// deadline passes, or shutdown begins; then does the IO and reports it.
 async fn wait(
     shared: &Shared,
     conn: &mut Connection<Async<TcpStream>>,
     connecting: &mut Option<(UpstreamId, Connecting)>,
-    draining: bool,
+    interest: Wanted,
 ) {
     enum Wake {
         Read(Side),
@@ -165,7 +141,7 @@ async fn wait(
         Timer,
         Shutdown,
     }
-    let interest = conn.interest();
+    let draining = conn.is_draining();
     let mut timer = interest.deadline.map(Timer::at);
     let mut shutdown = shared.shutdown.triggered();
     let wake = {

@@ -30,13 +30,14 @@ use std::future::Future;
 use std::io;
 use std::net::{TcpListener as StdListener, TcpStream};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
 use futures_lite::future;
-use proxy_core::{Balancer, Config, IdlePool};
+use proxy_core::{Balancer, Config};
 
+use proxy_core::adapter::SharedPool;
 pub use proxy_core::adapter::{AdapterOptions as ServeOptions, EventSink, Shutdown};
 
 /// A boxed task, as handed to a [`Spawn`].
@@ -62,7 +63,7 @@ where
 struct Shared {
     config: Arc<Config>,
     balancer: Arc<Balancer>,
-    pool: Mutex<IdlePool<Async<TcpStream>>>,
+    pool: SharedPool<Async<TcpStream>>,
     options: ServeOptions,
     shutdown: Shutdown,
     /// Triggered when the drain has run out of time: remaining connections end at once.
@@ -87,10 +88,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         balancer: Arc::new(Balancer::new(&config)),
         config,
-        pool: Mutex::new(IdlePool::new(
-            options.pool_idle_timeout,
-            options.pool_max_per_peer,
-        )),
+        pool: SharedPool::new(options.pool_idle_timeout, options.pool_max_per_peer),
         options,
         shutdown,
         kill: Shutdown::new(),
@@ -180,11 +178,7 @@ async fn pool_reaper(shared: Arc<Shared>) {
         if stop {
             break;
         }
-        if let Ok(mut pool) = shared.pool.lock() {
-            pool.expire(std::time::Instant::now());
-        }
+        shared.pool.expire(std::time::Instant::now());
     }
-    if let Ok(mut pool) = shared.pool.lock() {
-        *pool = IdlePool::new(Duration::ZERO, 0);
-    }
+    shared.pool.close_all();
 }

@@ -34,20 +34,21 @@
 mod conn;
 
 use std::net::TcpListener as StdListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_core::{Balancer, Config, IdlePool};
+use proxy_core::{Balancer, Config};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use proxy_core::adapter::SharedPool;
 pub use proxy_core::adapter::{AdapterOptions as ServeOptions, EventSink, Shutdown};
 
 /// State every connection task shares.
 struct Shared {
     config: Arc<Config>,
     balancer: Arc<Balancer>,
-    pool: Mutex<IdlePool<TcpStream>>,
+    pool: SharedPool<TcpStream>,
     options: ServeOptions,
     shutdown: Shutdown,
 }
@@ -69,10 +70,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         balancer: Arc::new(Balancer::new(&config)),
         config,
-        pool: Mutex::new(IdlePool::new(
-            options.pool_idle_timeout,
-            options.pool_max_per_peer,
-        )),
+        pool: SharedPool::new(options.pool_idle_timeout, options.pool_max_per_peer),
         options,
         shutdown,
     });
@@ -130,14 +128,10 @@ async fn pool_reaper(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {
-                if let Ok(mut pool) = shared.pool.lock() {
-                    pool.expire(std::time::Instant::now());
-                }
+                shared.pool.expire(std::time::Instant::now());
             }
             () = &mut shutdown => break,
         }
     }
-    if let Ok(mut pool) = shared.pool.lock() {
-        *pool = IdlePool::new(Duration::ZERO, 0);
-    }
+    shared.pool.close_all();
 }
