@@ -43,6 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop.trigger();
     })
     .detach();
-    smol::block_on(ex.run(serve(Arc::new(config), vec![listener], options, shutdown, spawner)))?;
+    smol::block_on(ex.run(serve(
+        Arc::new(config),
+        vec![listener],
+        options,
+        shutdown,
+        spawner,
+    )))?;
     Ok(())
 }
