@@ -24,7 +24,8 @@
 //! let shutdown = Shutdown::new();
 //! let handle = shutdown.clone();
 //! tokio::spawn(async move {
-//!     let _ = tokio::signal::ctrl_c().await;
+//!     // Any event can trigger it: a signal handler, an admin endpoint, a timer.
+//!     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
 //!     handle.trigger();
 //! });
 //! serve(config, vec![listener], ServeOptions::default(), shutdown).await
