@@ -116,18 +116,24 @@ impl Proc {
 
     /// Waits for the startup line on stderr; panics with the output if the process exits or
     /// WAIT passes first.
-    fn wait_ready(&self) {
-        if self
-            .stderr
-            .wait_until(|s| s.contains("listening on"))
-            .is_none()
-        {
+    /// Waits for the startup line and returns the address it reports. Tests listen on port 0
+    /// and read the real port from here: picking a free port beforehand races with other tests.
+    fn wait_ready(&self) -> SocketAddr {
+        let Some(text) = self.stderr.wait_until(|s| s.contains("listening on")) else {
             panic!(
                 "switchyard did not report `listening on`; stderr: {:?}, stdout: {:?}",
                 self.stderr.text(),
                 self.stdout.text()
             );
-        }
+        };
+        let after = text.split("listening on ").nth(1).unwrap_or("");
+        let addr = after
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(',');
+        addr.parse()
+            .unwrap_or_else(|_| panic!("an address in the startup line: {text:?}"))
     }
 
     fn signal(&self, sig: &str) {
@@ -349,8 +355,7 @@ fn flags_round_robin_access_log_and_sigterm(runtime_name: &str) {
     let rt = runtime();
     let ((a, seen_a), (b, seen_b)) =
         rt.block_on(async { (named_origin("A").await, named_origin("B").await) });
-    let listen = free_addr();
-    let (listen_s, a_s, b_s) = (listen.to_string(), a.to_string(), b.to_string());
+    let (listen_s, a_s, b_s) = ("127.0.0.1:0".to_owned(), a.to_string(), b.to_string());
     let mut proc = Proc::spawn(&[
         "--listen",
         &listen_s,
@@ -373,7 +378,7 @@ fn flags_round_robin_access_log_and_sigterm(runtime_name: &str) {
         "--runtime",
         runtime_name,
     ]);
-    proc.wait_ready();
+    let listen = proc.wait_ready();
 
     let bodies: Vec<String> = rt.block_on(async {
         let mut bodies = Vec::new();
@@ -440,8 +445,7 @@ fn websocket_echo_through_the_binary_smol() {
 fn websocket_echo_through_the_binary(runtime_name: &str) {
     let rt = runtime();
     let echo = rt.block_on(ws_echo());
-    let listen = free_addr();
-    let (listen_s, echo_s) = (listen.to_string(), echo.to_string());
+    let (listen_s, echo_s) = ("127.0.0.1:0".to_owned(), echo.to_string());
     let mut proc = Proc::spawn(&[
         "--listen",
         &listen_s,
@@ -452,7 +456,7 @@ fn websocket_echo_through_the_binary(runtime_name: &str) {
         "--runtime",
         runtime_name,
     ]);
-    proc.wait_ready();
+    let listen = proc.wait_ready();
     rt.block_on(ws_round_trip(&format!("ws://{listen}/chat")));
     // The finished tunnel is logged with status 101.
     proc.stdout
@@ -598,10 +602,8 @@ fn no_upstream_is_a_clear_error() {
 #[test]
 fn demo_serves_page_and_echo_then_stops_on_sigint() {
     let rt = runtime();
-    let listen = free_addr();
-    let listen_s = listen.to_string();
-    let mut proc = Proc::spawn(&["demo", "--listen", &listen_s]);
-    proc.wait_ready();
+    let mut proc = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"]);
+    let listen = proc.wait_ready();
     let response = rt.block_on(exchange_until_close(
         listen,
         b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",

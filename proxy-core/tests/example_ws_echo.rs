@@ -429,13 +429,21 @@ fn pipelined_requests_resume_reading_without_a_new_edge() {
     proxy.stop();
 }
 
-/// The upstream port is closed: the non-blocking connect fails, the loop reports it, and the
-/// core answers 502 and closes.
+/// The upstream port refuses connections: the non-blocking connect fails, the loop reports it,
+/// and the core answers 502 and closes.
 #[test]
 fn refused_upstream_connection_becomes_a_502() {
-    let closed = TcpListener::bind("127.0.0.1:0").expect("bind a port to free");
-    let closed_addr = closed.local_addr().expect("closed address");
-    drop(closed);
+    // Bound but never listening, and held for the whole test: connects are refused, and no
+    // other test can take the port in between (binding a listener and dropping it would race).
+    let refusing = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("create a socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("loopback");
+    refusing.bind(&any.into()).expect("bind a loopback port");
+    let closed_addr = refusing
+        .local_addr()
+        .expect("bound address")
+        .as_socket()
+        .expect("an IP address");
     let proxy = Proxy::start(closed_addr);
 
     let mut client = proxy.connect();

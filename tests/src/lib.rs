@@ -77,6 +77,32 @@ where
     });
 }
 
+/// A loopback port that refuses connections for as long as the value lives: a socket bound to
+/// it but never listening. (Binding a listener and dropping it is racy: another test's proxy may
+/// take the port in between and answer.)
+#[derive(Debug)]
+pub struct RefusingPort {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+/// A fresh [`RefusingPort`].
+pub fn refusing_port() -> RefusingPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("create a socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
+    socket.bind(&any.into()).expect("bind a loopback port");
+    let addr = socket
+        .local_addr()
+        .expect("bound address")
+        .as_socket()
+        .expect("an IP socket address");
+    RefusingPort {
+        addr,
+        _socket: socket,
+    }
+}
+
 /// A config sending everything to `upstreams`, round-robin.
 pub fn config_for(upstreams: &[SocketAddr]) -> Config {
     let peers = upstreams

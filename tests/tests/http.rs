@@ -262,12 +262,6 @@ fn decode_chunked(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
     }
 }
 
-/// A port nothing listens on: bound, read, released.
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway listener");
-    l.local_addr().expect("throwaway address")
-}
-
 // ---- scenarios ----
 
 /// Three requests on one client connection get three responses, and the proxy reuses one
@@ -737,7 +731,8 @@ async fn hop_by_hop_headers_and_forwarded_for(rt: Runtime) {
 /// A refused upstream connection is a quick 502; an upstream that never answers is a 504 after
 /// the read timeout. Both close the client connection.
 async fn connect_refused_502_and_read_timeout_504(rt: Runtime) {
-    let refused = start_proxy(rt, config_for(&[closed_port()]));
+    let port = switchyard_tests::refusing_port();
+    let refused = start_proxy(rt, config_for(&[port.addr]));
     let started = Instant::now();
     let mut client = Client::connect(refused.addr).await;
     client
