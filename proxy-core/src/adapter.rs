@@ -271,6 +271,8 @@ pub struct Connection<S> {
     queues: [VecDeque<Bytes>; 2],
     read_closed: [bool; 2],
     upstream_peer: Option<Peer>,
+    /// The connect attempt the session is waiting for.
+    pending_connect: Option<UpstreamId>,
     actions: VecDeque<Action<S>>,
     draining: bool,
 }
@@ -307,6 +309,7 @@ impl<S> Connection<S> {
             queues: [VecDeque::new(), VecDeque::new()],
             read_closed: [false; 2],
             upstream_peer: None,
+            pending_connect: None,
             actions: VecDeque::new(),
             draining: false,
         }
@@ -384,6 +387,7 @@ impl<S> Connection<S> {
                 allow_pooled,
             } => {
                 self.upstream_peer = Some(peer.clone());
+                self.pending_connect = Some(id);
                 self.actions.push_back(Action::Connect {
                     id,
                     peer,
@@ -419,6 +423,7 @@ impl<S> Connection<S> {
         self.read_closed[i] = true;
         if side == Side::Upstream {
             self.upstream_peer = None;
+            self.pending_connect = None;
         }
     }
 
@@ -582,9 +587,10 @@ impl<S> Connection<S> {
         reused: bool,
         now: Instant,
     ) -> Option<S> {
-        if self.upstream_peer.is_none() || self.sockets[Side::Upstream.index()].is_some() {
+        if self.pending_connect != Some(id) {
             return Some(socket);
         }
+        self.pending_connect = None;
         self.sockets[Side::Upstream.index()] = Some(socket);
         self.read_closed[Side::Upstream.index()] = false;
         self.session
@@ -594,6 +600,9 @@ impl<S> Connection<S> {
 
     /// The connect for `id` failed.
     pub fn connect_failed(&mut self, id: UpstreamId, why: ConnectError, now: Instant) {
+        if self.pending_connect == Some(id) {
+            self.pending_connect = None;
+        }
         self.session
             .handle_input(now, Input::UpstreamFailed { id, why });
     }
