@@ -13,8 +13,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use switchyard_tests::origin::{http_origin, ws_echo, Origin, SeenRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// How long any single wait may take.
@@ -214,76 +215,19 @@ impl Drop for TempFile {
 
 // ---- peers ----
 
-/// A tiny keep-alive HTTP origin answering every request (no bodies expected) with `200` and
-/// body `name`; records request lines.
-async fn named_origin(name: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = listener.local_addr().expect("origin address");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let head_len = loop {
-                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                    };
-                    let head: Vec<u8> = pending.drain(..head_len).collect();
-                    let line = String::from_utf8_lossy(&head)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_owned();
-                    if let Ok(mut v) = record.lock() {
-                        v.push(line);
-                    }
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
-                        name.len()
-                    );
-                    if stream.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
-/// A WebSocket echo server.
-async fn ws_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo address");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            return;
-                        }
-                    } else if msg.is_close() {
-                        let _ = ws.close(None).await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+/// A keep-alive HTTP origin answering every request with `200` and body `name` (the shared
+/// recording origin, so the test can count what each one saw).
+async fn named_origin(name: &'static str) -> Origin {
+    http_origin(Arc::new(move |_req: &SeenRequest| {
+        Some(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                name.len()
+            )
+            .into_bytes(),
+        )
+    }))
+    .await
 }
 
 /// Sends `request` on a new connection and reads until the peer closes (bounded).
@@ -353,8 +297,9 @@ fn flags_round_robin_access_log_and_sigterm_smol() {
 
 fn flags_round_robin_access_log_and_sigterm(runtime_name: &str) {
     let rt = runtime();
-    let ((a, seen_a), (b, seen_b)) =
+    let (origin_a, origin_b) =
         rt.block_on(async { (named_origin("A").await, named_origin("B").await) });
+    let (a, b) = (origin_a.addr, origin_b.addr);
     let (listen_s, a_s, b_s) = ("127.0.0.1:0".to_owned(), a.to_string(), b.to_string());
     let mut proc = Proc::spawn(&[
         "--listen",
@@ -397,8 +342,16 @@ fn flags_round_robin_access_log_and_sigterm(runtime_name: &str) {
         bodies == ["A", "B", "A", "B"] || bodies == ["B", "A", "B", "A"],
         "round-robin alternates between the two upstreams: {bodies:?}"
     );
-    let lines_a = seen_a.lock().expect("origin A record").clone();
-    let lines_b = seen_b.lock().expect("origin B record").clone();
+    let lines_a: Vec<String> = origin_a
+        .seen()
+        .iter()
+        .map(|r| r.request_line().to_owned())
+        .collect();
+    let lines_b: Vec<String> = origin_b
+        .seen()
+        .iter()
+        .map(|r| r.request_line().to_owned())
+        .collect();
     assert_eq!(lines_a.len(), 2, "origin A: {lines_a:?}");
     assert_eq!(lines_b.len(), 2, "origin B: {lines_b:?}");
 
