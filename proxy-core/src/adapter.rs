@@ -429,10 +429,7 @@ impl<S> Connection<S> {
 
     /// What to wait for now.
     pub fn interest(&self) -> Interest {
-        let side_read = |side: Side| {
-            let i = side.index();
-            self.sockets[i].is_some() && !self.read_closed[i] && self.session.wants_read(side)
-        };
+        let side_read = |side: Side| self.wants_read(side);
         let side_write = |side: Side| {
             self.sockets[side.index()].is_some() && !self.queues[side.index()].is_empty()
         };
@@ -443,9 +440,11 @@ impl<S> Connection<S> {
         }
     }
 
-    /// Whether `side` should be read now.
+    /// Whether `side` should be read now. Asked before every read on the data path, so it looks
+    /// at that side only (not the timers).
     pub fn wants_read(&self, side: Side) -> bool {
-        self.interest().read[side.index()]
+        let i = side.index();
+        self.sockets[i].is_some() && !self.read_closed[i] && self.session.wants_read(side)
     }
 
     /// Fills `slices` with the queued bytes for `side`; returns how many were filled. Pass them

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{new_log, Session, State, Upstream};
+use super::{empty_log, new_log, Session, State, Upstream};
 use crate::body::{BodyDecoder, Framing};
 use crate::config::Peer;
 use crate::error::{RequestError, ResponseError};
@@ -165,9 +165,9 @@ impl Exchange {
         close: Option<CloseReason>,
         state: &State,
     ) -> ExchangeLog {
-        // Logged once (the session checks `logged`), so the strings can be moved out.
-        let mut log = self.log.clone();
-        log.request_line = std::mem::take(&mut self.log.request_line);
+        // Logged once (the session checks `logged`), so the log is moved out, not cloned.
+        let placeholder = empty_log(self.log.client);
+        let mut log = std::mem::replace(&mut self.log, placeholder);
         log.bytes_to_client = sent_total_client.saturating_sub(self.sent_at_start);
         log.body_bytes_to_client = log
             .bytes_to_client

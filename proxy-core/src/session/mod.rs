@@ -512,8 +512,13 @@ fn send_timer(side: Side) -> Timer {
 
 /// Keeps `ExchangeLog` construction in one place for both halves.
 pub(crate) fn new_log(client: &PeerInfo) -> ExchangeLog {
+    empty_log(client.addr)
+}
+
+/// A log with nothing in it; allocation-free, so it can stand in for a moved-out one.
+pub(crate) fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
     ExchangeLog {
-        client: client.addr,
+        client,
         request_line: String::new(),
         host: None,
         referer: None,
