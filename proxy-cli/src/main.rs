@@ -191,7 +191,7 @@ fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
 fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
     let sink = access_log::sink(&settings.access_log)
         .with_context(|| format!("cannot open access log {}", settings.access_log.describe()))?;
-    let mut options = proxy_core::adapter::AdapterOptions::default();
+    let mut options = proxy_tokio::ServeOptions::default();
     options.drain_timeout = settings.drain_timeout;
     options.pool_idle_timeout = settings.pool_idle_timeout;
     options.pool_max_per_peer = settings.pool_max_idle;
@@ -219,7 +219,7 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
         peers.join(", "),
         if workers == 1 { "" } else { "s" }
     );
-    let shutdown = proxy_core::adapter::Shutdown::new();
+    let shutdown = proxy_tokio::Shutdown::new();
     signals::install(shutdown.clone(), settings.drain_timeout)?;
     let config = Arc::new(settings.config);
     match settings.runtime {
@@ -278,7 +278,7 @@ mod signals {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use signal_hook::iterator::Signals;
 
-    pub fn install(shutdown: proxy_core::adapter::Shutdown, drain: Duration) -> anyhow::Result<()> {
+    pub fn install(shutdown: proxy_tokio::Shutdown, drain: Duration) -> anyhow::Result<()> {
         let mut signals =
             Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
         std::thread::Builder::new()

@@ -96,11 +96,8 @@
 //! * [`Session`] — the state machine; its module docs draw the lifecycle.
 //! * [`Balancer`] — the shared peer-choice state.
 //! * [`IdlePool`] — upstream keep-alive pool bookkeeping, shared by every adapter.
-//! * [`adapter`] — the rest of an adapter that is not IO: per-socket write queues, output
-//!   handling, options and the shutdown signal, shared by the tokio and smol adapters.
 //! * [`Input`], [`Output`], [`Event`] — the vocabulary with adapters.
 
-pub mod adapter;
 pub mod config;
 
 mod balance;

@@ -1,11 +1,11 @@
 //! # proxy-smol — switchyard on async-io (smol and async-std)
 //!
-//! A thin adapter that drives [`proxy_core::Session`] with [`async_io`] sockets and timers. It is
-//! executor-agnostic: it never spawns on a particular executor, but hands its tasks to the
-//! [`Spawn`] you pass, so the same code runs under smol's `Executor` and under async-std's
-//! (both sit on async-io's reactor). Like the tokio adapter it makes no protocol decisions and
-//! keeps no bookkeeping of its own: write queues, output handling, read-buffer policy, options
-//! and the shutdown signal come from [`proxy_core::adapter`].
+//! The async-io [`Runtime`] for switchyard's one drive loop ([`proxy_drive`]): readiness from
+//! async-io's reactor, async-io timers, name lookup on the `blocking` pool, and tasks handed to
+//! the [`Spawn`] you pass — so the same code runs under smol's `Executor` and under async-std's
+//! (both sit on async-io's reactor). It never picks an executor itself. Everything else — the
+//! loop, every syscall, the pool, the drain and all protocol decisions — is shared with the
+//! tokio adapter.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -24,21 +24,20 @@
 //!     .expect("serve");
 //! ```
 
-mod conn;
-
 use std::future::Future;
 use std::io;
-use std::net::{TcpListener as StdListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
-use async_io::{Async, Timer};
-use futures_lite::future;
-use proxy_core::{Balancer, Config};
+use async_io::Async;
+use proxy_core::Config;
+use proxy_drive::{BoxFuture, Direction, Runtime, Socket, Timer};
 
-use proxy_core::adapter::SharedPool;
-pub use proxy_core::adapter::{AdapterOptions as ServeOptions, EventSink, Shutdown};
+pub use proxy_drive::{EventSink, ServeOptions, Shutdown, Stats};
 
 /// A boxed task, as handed to a [`Spawn`].
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -59,17 +58,6 @@ where
     }
 }
 
-/// State every connection task shares.
-struct Shared {
-    config: Arc<Config>,
-    balancer: Arc<Balancer>,
-    pool: SharedPool<Async<TcpStream>>,
-    options: ServeOptions,
-    shutdown: Shutdown,
-    /// Triggered when the drain has run out of time: remaining connections end at once.
-    kill: Shutdown,
-}
-
 /// Serves `listeners` until `shutdown` is triggered and every connection has finished (or the
 /// drain timeout, plus a short grace, has passed). Tasks go to `spawner`.
 ///
@@ -79,106 +67,126 @@ struct Shared {
 /// logged and retried.
 pub async fn serve(
     config: Arc<Config>,
-    listeners: Vec<StdListener>,
+    listeners: Vec<TcpListener>,
     options: ServeOptions,
     shutdown: Shutdown,
     spawner: impl Spawn,
 ) -> io::Result<()> {
-    let spawner: Arc<dyn Spawn> = Arc::new(spawner);
-    let shared = Arc::new(Shared {
-        balancer: Arc::new(Balancer::new(&config)),
-        config,
-        pool: SharedPool::new(options.pool_idle_timeout, options.pool_max_per_peer),
-        options,
-        shutdown,
-        kill: Shutdown::new(),
-    });
-    // Every task holds a sender; when the last one is dropped, `recv` fails: all tasks are done.
-    let (alive, all_done) = async_channel::bounded::<()>(1);
-    for listener in listeners {
-        let listener = Async::new(listener)?;
-        let (shared, spawner2, alive) = (Arc::clone(&shared), Arc::clone(&spawner), alive.clone());
-        spawner.spawn_task(Box::pin(async move {
-            accept_loop(listener, shared, spawner2, alive).await;
-        }));
-    }
-    {
-        let (shared, alive) = (Arc::clone(&shared), alive.clone());
-        spawner.spawn_task(Box::pin(async move {
-            pool_reaper(shared).await;
-            drop(alive);
-        }));
-    }
-    drop(alive);
-    shared.shutdown.triggered().await;
-    let grace = shared.options.drain_timeout + Duration::from_secs(5);
-    let drained = future::or(async { all_done.recv().await.is_err() }, async {
-        Timer::after(grace).await;
-        false
-    })
-    .await;
-    if !drained {
-        tracing::warn!("connections still open after the drain timeout; closing them");
-        shared.kill.trigger();
-        let _ = all_done.recv().await;
-    }
-    Ok(())
+    let rt = AsyncIo {
+        spawner: Arc::new(spawner),
+    };
+    proxy_drive::serve(rt, config, listeners, options, shutdown).await
 }
 
-async fn accept_loop(
-    listener: Async<StdListener>,
-    shared: Arc<Shared>,
+/// The async-io runtime, for [`proxy_drive::serve`], with tasks going to a [`Spawn`].
+#[derive(Clone)]
+pub struct AsyncIo {
     spawner: Arc<dyn Spawn>,
-    alive: async_channel::Sender<()>,
-) {
-    enum Next {
-        Accepted(io::Result<(Async<TcpStream>, std::net::SocketAddr)>),
-        Stop,
+}
+
+impl std::fmt::Debug for AsyncIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncIo").finish_non_exhaustive()
     }
-    loop {
-        let next = future::or(async { Next::Accepted(listener.accept().await) }, async {
-            shared.shutdown.triggered().await;
-            Next::Stop
-        })
-        .await;
-        match next {
-            Next::Stop => break,
-            Next::Accepted(Ok((stream, addr))) => {
-                let (shared, alive) = (Arc::clone(&shared), alive.clone());
-                spawner.spawn_task(Box::pin(async move {
-                    let kill = shared.kill.triggered();
-                    future::or(conn::run(stream, addr, Arc::clone(&shared)), kill).await;
-                    drop(alive);
-                }));
-            }
-            Next::Accepted(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accept failed");
-                Timer::after(Duration::from_millis(50)).await;
-            }
+}
+
+impl AsyncIo {
+    /// The runtime, spawning on `spawner`.
+    pub fn new(spawner: impl Spawn) -> Self {
+        AsyncIo {
+            spawner: Arc::new(spawner),
         }
     }
 }
 
-/// Closes pooled connections that outlived the pool's idle timeout.
-async fn pool_reaper(shared: Arc<Shared>) {
-    let period = (shared.options.pool_idle_timeout / 2).max(Duration::from_millis(100));
-    loop {
-        let stop = future::or(
-            async {
-                Timer::after(period).await;
-                false
-            },
-            async {
-                shared.shutdown.triggered().await;
-                true
-            },
-        )
-        .await;
-        if stop {
-            break;
-        }
-        shared.pool.expire(std::time::Instant::now());
+impl Runtime for AsyncIo {
+    type Socket = Stream;
+    type Listener = Async<TcpListener>;
+    type Timer = AsyncTimer;
+
+    fn register(&self, stream: TcpStream) -> io::Result<Stream> {
+        // The drive loop creates its sockets non-blocking; no second syscall to set it.
+        Async::new_nonblocking(stream).map(Stream)
     }
-    shared.pool.close_all();
+
+    fn listener(&self, listener: TcpListener) -> io::Result<Async<TcpListener>> {
+        Async::new(listener)
+    }
+
+    fn poll_accept(
+        &self,
+        listener: &Async<TcpListener>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Stream, SocketAddr)>> {
+        loop {
+            match listener.get_ref().accept() {
+                Ok((stream, addr)) => {
+                    return Poll::Ready(Async::new(stream).map(|s| (Stream(s), addr)))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = std::task::ready!(listener.poll_readable(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn timer(&self) -> AsyncTimer {
+        AsyncTimer(async_io::Timer::never())
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.spawner.spawn_task(Box::pin(task));
+    }
+
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
+        let host = host.to_owned();
+        Box::pin(blocking::unblock(move || {
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+        }))
+    }
+}
+
+/// An async-io TCP stream.
+#[derive(Debug)]
+pub struct Stream(Async<TcpStream>);
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Socket for Stream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // An error is left for the read itself to report.
+        self.0.poll_readable(cx).map(drop)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll_writable(cx).map(drop)
+    }
+
+    fn try_io<T>(&self, _dir: Direction, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        // async-io keeps no readiness between waits: each `poll_*_ready` asks the reactor anew.
+        op()
+    }
+}
+
+/// An async-io timer.
+#[derive(Debug)]
+pub struct AsyncTimer(async_io::Timer);
+
+impl Timer for AsyncTimer {
+    fn reset(&mut self, at: Instant) {
+        self.0.set_at(at);
+    }
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(drop)
+    }
 }

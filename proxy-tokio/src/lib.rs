@@ -1,17 +1,13 @@
 //! # proxy-tokio — switchyard on tokio
 //!
-//! A thin adapter that drives [`proxy_core::Session`] with tokio sockets, timers and tasks. It
-//! makes no protocol decisions, and keeps no bookkeeping that is not tokio-specific: the write
-//! queues, output handling, read-buffer policy, options and shutdown signal come from
-//! [`proxy_core::adapter`], shared with the smol adapter. What lives here:
+//! The tokio [`Runtime`] for switchyard's one drive loop ([`proxy_drive`]): socket readiness
+//! from tokio's reactor, tokio timers, `tokio::spawn`, and tokio's name lookup. Nothing else:
+//! the loop, every syscall, the pool, the drain and all protocol decisions are shared with the
+//! smol adapter.
 //!
-//! * an accept loop per listener and one task per client connection, `TCP_NODELAY` on both
-//!   sides;
-//! * waiting for socket readiness, connects, the session's deadline and shutdown;
-//! * a shared upstream keep-alive pool ([`proxy_core::IdlePool`]) of tokio sockets, reaped
-//!   periodically; upgraded connections never enter it;
-//! * graceful shutdown through a [`Shutdown`] handle: stop accepting, let exchanges finish,
-//!   give tunnels [`ServeOptions::drain_timeout`], then return.
+//! tokio caches readiness per socket, so the drive loop's rule that a short read drains the
+//! socket ([`Socket::try_io`] clears the cached readiness) saves the `EAGAIN` read per relayed
+//! message, and a pooled connection's liveness probe costs no syscall unless the peer spoke.
 //!
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {
@@ -32,31 +28,26 @@
 //! # }
 //! ```
 
-mod conn;
-
-use std::net::TcpListener as StdListener;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
-use proxy_core::{Balancer, Config};
+use proxy_core::Config;
+use proxy_drive::{BoxFuture, Direction, Runtime, Socket, Timer};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::time::Sleep;
 
-use proxy_core::adapter::SharedPool;
-pub use proxy_core::adapter::{AdapterOptions as ServeOptions, EventSink, Shutdown};
-
-/// State every connection task shares.
-struct Shared {
-    config: Arc<Config>,
-    balancer: Arc<Balancer>,
-    pool: SharedPool<TcpStream>,
-    options: ServeOptions,
-    shutdown: Shutdown,
-}
+pub use proxy_drive::{EventSink, ServeOptions, Shutdown, Stats};
 
 /// Serves `listeners` until `shutdown` is triggered and every connection has finished (or the
 /// drain timeout, plus a short grace, has passed). Must run inside a tokio runtime with the
-/// time and IO drivers enabled.
+/// time and IO drivers enabled; connections are spawned on it.
 ///
 /// # Errors
 ///
@@ -64,75 +55,104 @@ struct Shared {
 /// files) are logged and retried.
 pub async fn serve(
     config: Arc<Config>,
-    listeners: Vec<StdListener>,
+    listeners: Vec<std::net::TcpListener>,
     options: ServeOptions,
     shutdown: Shutdown,
-) -> std::io::Result<()> {
-    let shared = Arc::new(Shared {
-        balancer: Arc::new(Balancer::new(&config)),
-        config,
-        pool: SharedPool::new(options.pool_idle_timeout, options.pool_max_per_peer),
-        options,
-        shutdown,
-    });
-    let mut accept_loops = JoinSet::new();
-    for std_listener in listeners {
-        std_listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std_listener)?;
-        accept_loops.spawn(accept_loop(listener, Arc::clone(&shared)));
-    }
-    accept_loops.spawn(pool_reaper(Arc::clone(&shared)));
-    while accept_loops.join_next().await.is_some() {}
-    Ok(())
+) -> io::Result<()> {
+    proxy_drive::serve(Tokio, config, listeners, options, shutdown).await
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    let mut shutdown = std::pin::pin!(shared.shutdown.triggered());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    connections.spawn(conn::run(stream, addr, Arc::clone(&shared)));
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = &mut shutdown => break,
-        }
+/// The tokio runtime, for [`proxy_drive::serve`]. Uses the runtime the future runs in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokio;
+
+impl Runtime for Tokio {
+    type Socket = Stream;
+    type Listener = TcpListener;
+    type Timer = TokioTimer;
+
+    fn register(&self, stream: std::net::TcpStream) -> io::Result<Stream> {
+        TcpStream::from_std(stream).map(Stream)
     }
-    drop(listener);
-    // Connections drain themselves (each saw the shutdown); this bounds a misbehaving one.
-    let grace = shared.options.drain_timeout + Duration::from_secs(5);
-    let finished = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if finished.is_err() {
-        tracing::warn!(
-            remaining = connections.len(),
-            "connections still open after the drain timeout; closing them"
-        );
-        connections.abort_all();
+
+    fn listener(&self, listener: std::net::TcpListener) -> io::Result<TcpListener> {
+        TcpListener::from_std(listener)
+    }
+
+    fn poll_accept(
+        &self,
+        listener: &TcpListener,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Stream, SocketAddr)>> {
+        listener
+            .poll_accept(cx)
+            .map_ok(|(stream, addr)| (Stream(stream), addr))
+    }
+
+    fn timer(&self) -> TokioTimer {
+        TokioTimer(None)
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        tokio::spawn(task);
+    }
+
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
+        let host = host.to_owned();
+        Box::pin(async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(Iterator::collect)
+        })
     }
 }
 
-/// Closes pooled connections that outlived the pool's idle timeout, so their sockets do not
-/// linger half-closed until someone asks for them.
-async fn pool_reaper(shared: Arc<Shared>) {
-    let period = (shared.options.pool_idle_timeout / 2).max(Duration::from_millis(100));
-    let mut shutdown = std::pin::pin!(shared.shutdown.triggered());
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {
-                shared.pool.expire(std::time::Instant::now());
-            }
-            () = &mut shutdown => break,
+/// A tokio TCP stream.
+#[derive(Debug)]
+pub struct Stream(TcpStream);
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Socket for Stream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // An error is left for the read itself to report.
+        self.0.poll_read_ready(cx).map(drop)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll_write_ready(cx).map(drop)
+    }
+
+    fn try_io<T>(&self, dir: Direction, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let interest = match dir {
+            Direction::Read => Interest::READABLE,
+            Direction::Write => Interest::WRITABLE,
+        };
+        self.0.try_io(interest, op)
+    }
+}
+
+/// A tokio sleep, allocated on first use and re-armed in place.
+#[derive(Debug)]
+pub struct TokioTimer(Option<Pin<Box<Sleep>>>);
+
+impl Timer for TokioTimer {
+    fn reset(&mut self, at: Instant) {
+        let at = tokio::time::Instant::from_std(at);
+        match self.0.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(at))),
         }
     }
-    shared.pool.close_all();
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
 }

@@ -1,0 +1,376 @@
+//! One client connection's bookkeeping, with no IO and no async: the [`Session`], the sockets
+//! (any type `S`), the bytes queued for each, and the translation of the session's outputs into
+//! the few [`Action`]s that need a runtime. The drive loop owns a `Link` and does the IO; this
+//! part is unit-tested with plain values standing in for sockets.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::IoSlice;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use proxy_core::{
+    ConnectError, Event, ExchangeLog, Input, Output, Peer, Session, Side, UpstreamId,
+};
+
+/// How many queued buffers one vectored write offers at most.
+pub(crate) const MAX_IOVECS: usize = 16;
+
+/// Something the session asked for that involves a socket, the pool or the log.
+#[derive(Debug)]
+pub(crate) enum Action<S> {
+    /// Connect to `peer` (or take a pooled connection, if `allow_pooled`), then call
+    /// [`Link::connected`] or [`Link::connect_failed`] with `id`.
+    Connect {
+        id: UpstreamId,
+        peer: Peer,
+        allow_pooled: bool,
+    },
+    /// Shut down the write half of this side's socket.
+    ShutdownWrite(Side),
+    /// The side's socket was dropped (closed); cancel a pending connect for it.
+    Closed(Side),
+    /// The upstream connection is released: pool `socket` for `peer` if `reusable`.
+    Release {
+        socket: S,
+        peer: Peer,
+        reusable: bool,
+    },
+    /// Report a finished exchange.
+    Event(Box<ExchangeLog>),
+}
+
+/// A session, its sockets and their write queues.
+pub(crate) struct Link<S> {
+    session: Session,
+    sockets: [Option<S>; 2],
+    queues: [VecDeque<Bytes>; 2],
+    read_closed: [bool; 2],
+    upstream_peer: Option<Peer>,
+    /// The connect attempt the session is waiting for.
+    pending_connect: Option<UpstreamId>,
+}
+
+impl<S> fmt::Debug for Link<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("session", &self.session)
+            .field("queued", &[self.queues[0].len(), self.queues[1].len()])
+            .field("read_closed", &self.read_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Link<S> {
+    pub(crate) fn new(session: Session, client: S) -> Self {
+        Link {
+            session,
+            sockets: [Some(client), None],
+            queues: [VecDeque::new(), VecDeque::new()],
+            read_closed: [false; 2],
+            upstream_peer: None,
+            pending_connect: None,
+        }
+    }
+
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub(crate) fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    pub(crate) fn socket(&self, side: Side) -> Option<&S> {
+        self.sockets[index(side)].as_ref()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_connecting(&self) -> bool {
+        self.pending_connect.is_some()
+    }
+
+    /// Applies the session's outputs until one needs the runtime. `Send`s only queue bytes, so
+    /// they never surface. Call until `None` after every other method.
+    pub(crate) fn next_action(&mut self) -> Option<Action<S>> {
+        while let Some(out) = self.session.poll_output() {
+            match out {
+                Output::Send { to, bytes } => self.queues[index(to)].push_back(bytes),
+                Output::Connect {
+                    id,
+                    peer,
+                    allow_pooled,
+                } => {
+                    self.upstream_peer = Some(peer.clone());
+                    self.pending_connect = Some(id);
+                    return Some(Action::Connect {
+                        id,
+                        peer,
+                        allow_pooled,
+                    });
+                }
+                Output::ShutdownWrite { side } => return Some(Action::ShutdownWrite(side)),
+                Output::Close { side } => {
+                    self.drop_side(side);
+                    return Some(Action::Closed(side));
+                }
+                Output::ReleaseUpstream { reusable, .. } => {
+                    let socket = self.sockets[index(Side::Upstream)].take();
+                    let peer = self.upstream_peer.take();
+                    self.drop_side(Side::Upstream);
+                    return Some(match (socket, peer) {
+                        (Some(socket), Some(peer)) => Action::Release {
+                            socket,
+                            peer,
+                            reusable,
+                        },
+                        _ => Action::Closed(Side::Upstream),
+                    });
+                }
+                Output::Event(Event::Exchange(log)) => return Some(Action::Event(log)),
+                // Outputs added to the core later are ignored until the loop learns them.
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn drop_side(&mut self, side: Side) {
+        let i = index(side);
+        self.sockets[i] = None;
+        self.queues[i] = VecDeque::new();
+        self.read_closed[i] = true;
+        if side == Side::Upstream {
+            self.upstream_peer = None;
+            self.pending_connect = None;
+        }
+    }
+
+    /// Whether `side` should be read now.
+    pub(crate) fn wants_read(&self, side: Side) -> bool {
+        let i = index(side);
+        self.sockets[i].is_some() && !self.read_closed[i] && self.session.wants_read(side)
+    }
+
+    /// Whether bytes wait to be written to `side`.
+    pub(crate) fn has_queued(&self, side: Side) -> bool {
+        self.sockets[index(side)].is_some() && !self.queues[index(side)].is_empty()
+    }
+
+    /// The socket of `side` and its queued bytes as slices for a vectored write; `None` when
+    /// there is nothing to write.
+    pub(crate) fn write_slices<'a>(
+        &'a self,
+        side: Side,
+        slices: &mut [IoSlice<'a>; MAX_IOVECS],
+    ) -> Option<(&'a S, usize)> {
+        let socket = self.sockets[index(side)].as_ref()?;
+        let mut n = 0;
+        for (slot, bytes) in slices.iter_mut().zip(self.queues[index(side)].iter()) {
+            *slot = IoSlice::new(bytes);
+            n += 1;
+        }
+        (n > 0).then_some((socket, n))
+    }
+
+    /// `n` bytes were written to `side`: drops them from the queue (splitting a partly written
+    /// buffer without copying) and tells the session.
+    pub(crate) fn wrote(&mut self, side: Side, mut n: usize, now: Instant) {
+        let len = n;
+        let queue = &mut self.queues[index(side)];
+        while n > 0 {
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                queue.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+        self.session
+            .handle_input(now, Input::Sent { to: side, len });
+    }
+
+    /// Bytes were read from `side`.
+    pub(crate) fn received(&mut self, side: Side, bytes: Bytes, now: Instant) {
+        self.session
+            .handle_input(now, Input::Data { from: side, bytes });
+    }
+
+    /// A read from `side` returned 0.
+    pub(crate) fn eof(&mut self, side: Side, now: Instant) {
+        self.read_closed[index(side)] = true;
+        self.session.handle_input(now, Input::Eof { from: side });
+    }
+
+    /// A read or write on `side` failed (reset, broken pipe, or a write of zero bytes).
+    pub(crate) fn failed(&mut self, side: Side, now: Instant) {
+        let i = index(side);
+        self.read_closed[i] = true;
+        self.queues[i] = VecDeque::new();
+        self.session.handle_input(now, Input::Reset { from: side });
+    }
+
+    /// The connect for `id` succeeded with `socket` (a pooled one if `reused`). A socket for a
+    /// stale id is handed back for the caller to drop.
+    pub(crate) fn connected(
+        &mut self,
+        id: UpstreamId,
+        socket: S,
+        reused: bool,
+        now: Instant,
+    ) -> Option<S> {
+        if self.pending_connect != Some(id) {
+            return Some(socket);
+        }
+        self.pending_connect = None;
+        self.sockets[index(Side::Upstream)] = Some(socket);
+        self.read_closed[index(Side::Upstream)] = false;
+        self.session
+            .handle_input(now, Input::UpstreamConnected { id, reused });
+        None
+    }
+
+    /// The connect for `id` failed.
+    pub(crate) fn connect_failed(&mut self, id: UpstreamId, why: ConnectError, now: Instant) {
+        if self.pending_connect == Some(id) {
+            self.pending_connect = None;
+        }
+        self.session
+            .handle_input(now, Input::UpstreamFailed { id, why });
+    }
+
+    /// Whether `id` is the attempt the session still waits for.
+    pub(crate) fn is_pending(&self, id: UpstreamId) -> bool {
+        self.pending_connect == Some(id)
+    }
+}
+
+fn index(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Upstream => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_core::{Balancer, Config, PeerInfo, UpstreamGroup};
+    use std::sync::Arc;
+
+    fn link() -> (Link<&'static str>, Instant) {
+        let config = Arc::new(Config::new(UpstreamGroup::new(vec![Peer::new(
+            "127.0.0.1",
+            9,
+        )])));
+        let balancer = Arc::new(Balancer::new(&config));
+        let now = Instant::now();
+        let session = Session::new(
+            config,
+            balancer,
+            PeerInfo::new("127.0.0.1:1".parse().expect("addr")),
+            now,
+        );
+        (Link::new(session, "client"), now)
+    }
+
+    fn queued(l: &Link<&'static str>, side: Side) -> usize {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        l.write_slices(side, &mut slices)
+            .map(|(_, n)| slices[..n].iter().map(|s| s.len()).sum())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn queues_partial_writes_and_releases() {
+        let (mut l, now) = link();
+        l.received(
+            Side::Client,
+            Bytes::from_static(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
+            now,
+        );
+        let Some(Action::Connect { id, .. }) = l.next_action() else {
+            panic!("expected a connect")
+        };
+        assert!(l.is_connecting());
+        assert!(l.next_action().is_none());
+        assert_eq!(l.connected(id, "up", false, now), None);
+        assert!(l.next_action().is_none());
+        assert!(
+            l.has_queued(Side::Upstream),
+            "the head is queued for the upstream"
+        );
+        let total = queued(&l, Side::Upstream);
+        l.wrote(Side::Upstream, 5, now);
+        assert_eq!(
+            queued(&l, Side::Upstream),
+            total - 5,
+            "partial write accounted"
+        );
+        l.wrote(Side::Upstream, total - 5, now);
+        assert!(!l.has_queued(Side::Upstream));
+        l.received(
+            Side::Upstream,
+            Bytes::from_static(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            now,
+        );
+        let mut saw_release = false;
+        let mut saw_event = false;
+        while let Some(a) = l.next_action() {
+            match a {
+                Action::Release {
+                    socket, reusable, ..
+                } => {
+                    assert_eq!(socket, "up");
+                    assert!(reusable);
+                    saw_release = true;
+                }
+                Action::Event(e) => saw_event = e.status == Some(204),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(saw_release && saw_event);
+        assert!(l.socket(Side::Upstream).is_none());
+        assert!(
+            l.has_queued(Side::Client),
+            "the response is queued for the client"
+        );
+    }
+
+    #[test]
+    fn stale_connect_hands_the_socket_back() {
+        let (mut l, now) = link();
+        assert_eq!(
+            l.connected(UpstreamId(7), "stray", false, now),
+            Some("stray")
+        );
+        assert!(!l.is_pending(UpstreamId(7)));
+    }
+
+    #[test]
+    fn a_failed_side_drops_its_queue_and_stops_reading() {
+        let (mut l, now) = link();
+        l.received(
+            Side::Client,
+            Bytes::from_static(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
+            now,
+        );
+        let Some(Action::Connect { id, .. }) = l.next_action() else {
+            panic!("expected a connect")
+        };
+        assert_eq!(l.connected(id, "up", false, now), None);
+        while l.next_action().is_some() {}
+        assert!(l.has_queued(Side::Upstream));
+        l.failed(Side::Upstream, now);
+        assert_eq!(queued(&l, Side::Upstream), 0);
+        assert!(!l.wants_read(Side::Upstream));
+    }
+}

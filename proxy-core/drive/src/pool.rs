@@ -1,0 +1,77 @@
+//! The upstream keep-alive pool as connection tasks share it: the core's [`IdlePool`] behind a
+//! mutex, with the release and check-out rules. It holds only idle connections, each for at
+//! most the idle timeout and at most `max_per_peer` per peer, so it is bounded by the
+//! configuration, not by traffic.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use proxy_core::{IdlePool, Peer};
+
+/// Idle upstream connections of type `S`, shared by every connection task of a server.
+#[derive(Debug)]
+pub(crate) struct SharedPool<S> {
+    pool: Mutex<IdlePool<S>>,
+}
+
+impl<S> SharedPool<S> {
+    pub(crate) fn new(idle_timeout: Duration, max_per_peer: usize) -> Self {
+        SharedPool {
+            pool: Mutex::new(IdlePool::new(idle_timeout, max_per_peer)),
+        }
+    }
+
+    /// Takes a released upstream socket: pooled if `reusable`, otherwise (and whatever the pool
+    /// evicts) dropped, which closes it.
+    pub(crate) fn release(&self, peer: &Peer, socket: S, reusable: bool, now: Instant) {
+        if !reusable {
+            return;
+        }
+        // The evicted connection, if any, is closed outside the lock.
+        let evicted = match self.pool.lock() {
+            Ok(mut pool) => pool.put(peer, socket, now),
+            Err(_) => Some(socket),
+        };
+        drop(evicted);
+    }
+
+    /// The most recent idle connection to `peer` that `alive` accepts; others met on the way are
+    /// dropped. `alive` is the liveness probe: an idle HTTP/1.1 connection has nothing to say,
+    /// so anything readable (bytes, or EOF) means it must not be used.
+    pub(crate) fn checkout(
+        &self,
+        peer: &Peer,
+        now: Instant,
+        alive: impl Fn(&S) -> bool,
+    ) -> Option<S> {
+        let mut dead = Vec::new();
+        let found = {
+            let mut pool = self.pool.lock().ok()?;
+            loop {
+                match pool.take(peer, now) {
+                    Some(socket) if alive(&socket) => break Some(socket),
+                    Some(socket) => dead.push(socket),
+                    None => break None,
+                }
+            }
+        };
+        drop(dead);
+        found
+    }
+
+    /// Closes connections idle for longer than the timeout.
+    pub(crate) fn expire(&self, now: Instant) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.expire(now);
+        }
+    }
+
+    /// Closes every pooled connection and stops pooling (at shutdown).
+    pub(crate) fn close_all(&self) {
+        let old = match self.pool.lock() {
+            Ok(mut pool) => std::mem::replace(&mut *pool, IdlePool::new(Duration::ZERO, 0)),
+            Err(_) => return,
+        };
+        drop(old);
+    }
+}

@@ -1,0 +1,181 @@
+//! The syscalls, written once for every runtime: reads into a shared per-thread buffer, vectored
+//! writes, non-blocking connects, socket options. Each goes through [`Socket::try_io`] so a
+//! runtime that caches readiness keeps it true.
+//!
+//! Two rules save a syscall per relayed message:
+//! * a **short read drains the socket**: the kernel gave us less than we asked for, so there is
+//!   nothing more right now; the readiness is cleared with that read instead of with a second
+//!   read that would only return `EAGAIN`;
+//! * a **short write fills the socket**: likewise, the next attempt waits for writability.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use proxy_core::ConnectError;
+use socket2::{Domain, Protocol, SockRef, Type};
+
+use crate::runtime::{Direction, Runtime, Socket};
+
+/// The size of the buffer a thread reads into. Reads are split off it and handed to the core
+/// without a copy; a new one is allocated when less than [`MIN_READ`] is left, so allocation
+/// and zeroing cost one byte per byte read, and no connection holds a buffer while it waits.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// The smallest space a read is offered. Below it the thread's buffer is replaced.
+pub const MIN_READ: usize = 8 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// What one read produced.
+#[derive(Debug)]
+pub(crate) enum ReadOutcome {
+    /// Bytes; `drained` when the read was short (the socket has nothing more right now).
+    Data { bytes: Bytes, drained: bool },
+    /// The peer closed its write half.
+    Eof,
+}
+
+/// One non-blocking read from `socket`.
+pub(crate) fn read<S: Socket>(socket: &S) -> io::Result<ReadOutcome> {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < MIN_READ {
+            // The old buffer lives on in the `Bytes` already split off it, until they are written.
+            *buf = BytesMut::zeroed(READ_CHUNK);
+        }
+        let want = buf.len();
+        let mut short = None;
+        let result = socket.try_io(Direction::Read, || {
+            let n = (&*SockRef::from(socket)).read(&mut buf[..])?;
+            if n > 0 && n < want {
+                // Drained: tell the runtime, so that it does not report the socket readable
+                // until the peer sends more.
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match (result, short) {
+            (_, Some(n)) => n,
+            (Ok(0), None) => return Ok(ReadOutcome::Eof),
+            (Ok(n), None) => n,
+            (Err(e), None) => return Err(e),
+        };
+        Ok(ReadOutcome::Data {
+            bytes: buf.split_to(n).freeze(),
+            drained: short.is_some(),
+        })
+    })
+}
+
+/// What one vectored write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteOutcome {
+    /// `n` bytes went out; `full` when fewer than offered (the socket buffer is full).
+    Wrote { n: usize, full: bool },
+}
+
+/// One non-blocking vectored write of `slices` to `socket`.
+pub(crate) fn write<S: Socket>(socket: &S, slices: &[IoSlice<'_>]) -> io::Result<WriteOutcome> {
+    let offered: usize = slices.iter().map(|s| s.len()).sum();
+    let mut short = None;
+    let result = socket.try_io(Direction::Write, || {
+        let n = (&*SockRef::from(socket)).write_vectored(slices)?;
+        if n > 0 && n < offered {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (_, Some(n)) => Ok(WriteOutcome::Wrote { n, full: true }),
+        (Ok(n), None) => Ok(WriteOutcome::Wrote { n, full: false }),
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// Options every proxied connection gets: small writes (frames, heads) must not wait for Nagle.
+pub(crate) fn configure<S: Socket>(socket: &S) {
+    // Best effort: a socket that refuses the option still works, only slower.
+    let _ = SockRef::from(socket).set_tcp_nodelay(true);
+}
+
+/// Sends FIN. An error means the peer is gone, which the next read reports.
+pub(crate) fn shutdown_write<S: Socket>(socket: &S) {
+    let _ = SockRef::from(socket).shutdown(std::net::Shutdown::Write);
+}
+
+/// True when an idle pooled connection has nothing to say: a probe read finds no byte and no
+/// EOF. On a runtime that caches readiness this costs no syscall unless the peer did something.
+pub(crate) fn idle_and_open<S: Socket>(socket: &S) -> bool {
+    let mut byte = [0u8; 1];
+    let probe = socket.try_io(Direction::Read, || {
+        (&*SockRef::from(socket)).read(&mut byte)
+    });
+    matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Starts a non-blocking connect to `addr` and registers the socket with the runtime; it is
+/// connected once writable and [`connect_result`] says so.
+pub(crate) fn start_connect<R: Runtime>(rt: &R, addr: SocketAddr) -> io::Result<R::Socket> {
+    let socket =
+        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    // Set before the SYN, so the first bytes never wait for Nagle.
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if in_progress(&e) => {}
+        Err(e) => return Err(e),
+    }
+    rt.register(std::net::TcpStream::from(socket))
+}
+
+#[cfg(unix)]
+fn in_progress(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINPROGRESS)
+}
+
+#[cfg(not(unix))]
+fn in_progress(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Once a connecting socket is writable: `Ok` if the connection is established.
+pub(crate) fn connect_result<S: Socket>(socket: &S) -> io::Result<()> {
+    match SockRef::from(socket).take_error()? {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Classifies a failed connect by the error's kind. (Name resolution failures never get here:
+/// they are classified where they happen, as [`ConnectError::Resolve`].)
+pub(crate) fn connect_error(e: &io::Error) -> ConnectError {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            ConnectError::Unreachable
+        }
+        _ => ConnectError::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_kind_not_text() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(connect_error(&refused), ConnectError::Refused);
+        let unreachable = io::Error::from(io::ErrorKind::NetworkUnreachable);
+        assert_eq!(connect_error(&unreachable), ConnectError::Unreachable);
+        // A message that merely mentions a lookup is not a resolution failure.
+        let other = io::Error::other("failed to lookup address information");
+        assert_eq!(connect_error(&other), ConnectError::Other);
+    }
+}
