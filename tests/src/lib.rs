@@ -150,6 +150,8 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     /// What the proxy logged.
     pub events: Arc<EventLog>,
+    /// The proxy's live gauges (tasks, connections, pooled upstream connections).
+    pub stats: Arc<proxy_tokio::Stats>,
     shutdown: proxy_tokio::Shutdown,
     thread: Option<JoinHandle<()>>,
 }
@@ -168,6 +170,9 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_per_peer: usize,
+    /// Keep every event in [`ProxyHandle::events`]. Off for long runs, where the record itself
+    /// would be the growing structure.
+    pub record_events: bool,
 }
 
 impl Default for ProxyOptions {
@@ -176,6 +181,7 @@ impl Default for ProxyOptions {
             drain_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_per_peer: 32,
+            record_events: true,
         }
     }
 }
@@ -197,7 +203,10 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     options.drain_timeout = opts.drain_timeout;
     options.pool_idle_timeout = opts.pool_idle_timeout;
     options.pool_max_per_peer = opts.pool_max_per_peer;
-    options.events = Arc::new(move |log: &ExchangeLog| sink_events.push(log));
+    if opts.record_events {
+        options.events = Arc::new(move |log: &ExchangeLog| sink_events.push(log));
+    }
+    let stats = Arc::clone(&options.stats);
     let serve_shutdown = shutdown.clone();
     let config = Arc::new(config);
     let thread = std::thread::Builder::new()
@@ -254,6 +263,7 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     ProxyHandle {
         addr,
         events,
+        stats,
         shutdown,
         thread: Some(thread),
     }

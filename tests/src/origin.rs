@@ -288,3 +288,37 @@ pub fn complete_response(bytes: &[u8]) -> bool {
         .unwrap_or(0);
     bytes.len() >= head_end + 4 + len
 }
+
+/// An HTTP/1.1 origin that answers every request head with `200` and `body`, keeps the
+/// connection alive, and records nothing: for long runs, where a record would be the structure
+/// that grows. Requests must not have a body.
+pub async fn http_fixed(body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("origin address");
+    let response: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+    .leak();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = BytesMut::with_capacity(4096);
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.advance(i + 4);
+                        if stream.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -3,21 +3,25 @@
 //! most the idle timeout and at most `max_per_peer` per peer, so it is bounded by the
 //! configuration, not by traffic.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proxy_core::{IdlePool, Peer};
+
+use crate::shutdown::Stats;
 
 /// Idle upstream connections of type `S`, shared by every connection task of a server.
 #[derive(Debug)]
 pub(crate) struct SharedPool<S> {
     pool: Mutex<IdlePool<S>>,
+    stats: Arc<Stats>,
 }
 
 impl<S> SharedPool<S> {
-    pub(crate) fn new(idle_timeout: Duration, max_per_peer: usize) -> Self {
+    pub(crate) fn new(idle_timeout: Duration, max_per_peer: usize, stats: Arc<Stats>) -> Self {
         SharedPool {
             pool: Mutex::new(IdlePool::new(idle_timeout, max_per_peer)),
+            stats,
         }
     }
 
@@ -29,7 +33,11 @@ impl<S> SharedPool<S> {
         }
         // The evicted connection, if any, is closed outside the lock.
         let evicted = match self.pool.lock() {
-            Ok(mut pool) => pool.put(peer, socket, now),
+            Ok(mut pool) => {
+                let evicted = pool.put(peer, socket, now);
+                self.stats.set_pooled(pool.len());
+                evicted
+            }
             Err(_) => Some(socket),
         };
         drop(evicted);
@@ -47,13 +55,15 @@ impl<S> SharedPool<S> {
         let mut dead = Vec::new();
         let found = {
             let mut pool = self.pool.lock().ok()?;
-            loop {
+            let found = loop {
                 match pool.take(peer, now) {
                     Some(socket) if alive(&socket) => break Some(socket),
                     Some(socket) => dead.push(socket),
                     None => break None,
                 }
-            }
+            };
+            self.stats.set_pooled(pool.len());
+            found
         };
         drop(dead);
         found
@@ -63,13 +73,17 @@ impl<S> SharedPool<S> {
     pub(crate) fn expire(&self, now: Instant) {
         if let Ok(mut pool) = self.pool.lock() {
             pool.expire(now);
+            self.stats.set_pooled(pool.len());
         }
     }
 
     /// Closes every pooled connection and stops pooling (at shutdown).
     pub(crate) fn close_all(&self) {
         let old = match self.pool.lock() {
-            Ok(mut pool) => std::mem::replace(&mut *pool, IdlePool::new(Duration::ZERO, 0)),
+            Ok(mut pool) => {
+                self.stats.set_pooled(0);
+                std::mem::replace(&mut *pool, IdlePool::new(Duration::ZERO, 0))
+            }
             Err(_) => return,
         };
         drop(old);

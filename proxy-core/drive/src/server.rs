@@ -104,7 +104,11 @@ pub async fn serve<R: Runtime>(
     let drain_timeout = options.drain_timeout;
     let shared = Arc::new(Shared {
         balancer: Arc::new(Balancer::new(&config)),
-        pool: SharedPool::new(options.pool_idle_timeout, options.pool_max_per_peer),
+        pool: SharedPool::new(
+            options.pool_idle_timeout,
+            options.pool_max_per_peer,
+            Arc::clone(&stats),
+        ),
         rt: rt.clone(),
         config,
         options,

@@ -176,6 +176,7 @@ impl StopWatch {
 pub struct Stats {
     tasks: AtomicUsize,
     connections: AtomicUsize,
+    pooled: AtomicUsize,
     accepted: AtomicU64,
     zero: Event,
 }
@@ -195,6 +196,15 @@ impl Stats {
     /// Client connections open now.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
+    }
+
+    /// Idle upstream connections held in the keep-alive pool now.
+    pub fn pooled(&self) -> usize {
+        self.pooled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_pooled(&self, n: usize) {
+        self.pooled.store(n, Ordering::Release);
     }
 
     /// Client connections accepted since the server started.
