@@ -353,7 +353,9 @@ fn log_event(event: &Event) {
                 log.request_line,
                 status,
                 log.bytes_to_client,
-                log.upstream.as_deref().unwrap_or("-"),
+                log.upstream
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), ToString::to_string),
                 close
             );
         }

@@ -166,6 +166,8 @@ impl UpstreamGroup {
 pub struct Peer {
     host: Arc<str>,
     port: u16,
+    /// Computed once: every request with the `$proxy_host` policy sends it.
+    authority: Arc<str>,
 }
 
 impl Peer {
@@ -173,9 +175,20 @@ impl Peer {
     /// without brackets.
     pub fn new(host: &str, port: u16) -> Self {
         let host = host.trim_start_matches('[').trim_end_matches(']');
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let authority = if port == 80 {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
         Peer {
             host: Arc::from(host),
             port,
+            authority: Arc::from(authority),
         }
     }
 
@@ -205,17 +218,8 @@ impl Peer {
 
     /// `host:port` as it goes in a `Host` header (nginx's `$proxy_host`): the port is omitted
     /// when it is 80, and IPv6 literals are bracketed.
-    pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.to_string()
-        };
-        if self.port == 80 {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::config::Peer;
 use crate::error::{RequestError, ResponseError};
 use crate::io::ConnectError;
 use crate::timer::Timer;
@@ -39,8 +40,8 @@ pub struct ExchangeLog {
     pub bytes_to_client: u64,
     /// Of those, bytes after the response head(s) (nginx's `$body_bytes_sent`).
     pub body_bytes_to_client: u64,
-    /// The upstream peer, `host:port`, if one was chosen.
-    pub upstream: Option<String>,
+    /// The upstream peer, if one was chosen (`Display` gives `host:port`).
+    pub upstream: Option<Peer>,
     /// From the first byte of the request to the end of the exchange.
     pub request_time: Duration,
     /// Time to establish the upstream connection.

@@ -21,6 +21,62 @@ pub(crate) fn header_slots<'a, 'b>(
     }
 }
 
+/// A short list of borrowed field values or list items, held inline: a head's `Connection`,
+/// `Upgrade` or `Transfer-Encoding` tokens are nearly always a few, so gathering them needs no
+/// allocation. More than [`INLINE_ITEMS`] spill to the heap (bounded by the head size).
+#[derive(Debug, Default)]
+pub(crate) struct Items<'h> {
+    inline: [&'h [u8]; INLINE_ITEMS],
+    len: usize,
+    spilled: Vec<&'h [u8]>,
+}
+
+/// Items an [`Items`] holds without allocating.
+pub(crate) const INLINE_ITEMS: usize = 8;
+
+impl<'h> Items<'h> {
+    pub(crate) fn push(&mut self, item: &'h [u8]) {
+        if self.len < INLINE_ITEMS {
+            self.inline[self.len] = item;
+            self.len += 1;
+            return;
+        }
+        if self.spilled.is_empty() {
+            self.spilled.extend_from_slice(&self.inline);
+        }
+        self.spilled.push(item);
+    }
+
+    pub(crate) fn as_slice(&self) -> &[&'h [u8]] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, &'h [u8]> {
+        self.as_slice().iter()
+    }
+}
+
+impl<'a, 'h> IntoIterator for &'a Items<'h> {
+    type Item = &'a &'h [u8];
+    type IntoIter = std::slice::Iter<'a, &'h [u8]>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<'h> Extend<&'h [u8]> for Items<'h> {
+    fn extend<I: IntoIterator<Item = &'h [u8]>>(&mut self, iter: I) {
+        for item in iter {
+            self.push(item);
+        }
+    }
+}
+
 /// `tchar` from RFC 9110 §5.6.2.
 pub(crate) fn is_token_byte(b: u8) -> bool {
     matches!(b,
@@ -130,6 +186,19 @@ pub(crate) fn is_valid_host(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn items_spill_past_the_inline_capacity_in_order() {
+        let words: Vec<Vec<u8>> = (0..20).map(|i| format!("t{i}").into_bytes()).collect();
+        let mut items = Items::default();
+        for (i, w) in words.iter().enumerate() {
+            items.push(w);
+            assert_eq!(items.as_slice().len(), i + 1);
+        }
+        let got: Vec<&[u8]> = items.iter().copied().collect();
+        let want: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn content_length_vectors() {

@@ -16,7 +16,7 @@ use crate::config::{Config, HeaderRule, Peer, TemplatePart, Variable};
 use crate::error::RequestError;
 use crate::fields::{
     header_slots, is_hop_or_framing, is_token_byte, is_valid_host, list_items,
-    parse_content_length, trim_ows, STACK_HEADERS,
+    parse_content_length, trim_ows, Items, STACK_HEADERS,
 };
 use crate::io::PeerInfo;
 use crate::upgrade::{websocket_accept, ACCEPT_LEN};
@@ -68,14 +68,14 @@ struct Seen<'h> {
     hosts: usize,
     content_length: Option<u64>,
     has_content_length: bool,
-    te: Vec<&'h [u8]>,
+    te: Items<'h>,
     has_te: bool,
-    connection: Vec<&'h [u8]>,
-    upgrade: Vec<&'h [u8]>,
-    ws_keys: Vec<&'h [u8]>,
+    connection: Items<'h>,
+    upgrade: Items<'h>,
+    ws_keys: Items<'h>,
     referer: Option<&'h [u8]>,
     user_agent: Option<&'h [u8]>,
-    xff: Vec<&'h [u8]>,
+    xff: Items<'h>,
     xfp: Option<&'h [u8]>,
     xfh: Option<&'h [u8]>,
 }
@@ -271,19 +271,16 @@ pub(crate) fn parse_request<'p>(
     // Re-serialise.
     let config = ctx.config;
     let client_ip = ctx.client.addr.ip().to_canonical();
-    let host_out: String = match &config.host {
-        crate::config::HostPolicy::Client => match host {
-            Some(h) => String::from_utf8_lossy(h).into_owned(),
-            None => peer.authority(),
-        },
-        crate::config::HostPolicy::Upstream => peer.authority(),
-        crate::config::HostPolicy::Literal(l) => l.clone(),
+    let host_out: &[u8] = match (&config.host, host) {
+        (crate::config::HostPolicy::Client, Some(h)) => h,
+        (crate::config::HostPolicy::Literal(l), _) => l.as_bytes(),
+        _ => peer.authority().as_bytes(),
     };
     let var = |v: Variable, out: &mut BytesMut| match v {
         Variable::RemoteAddr => {
             let _ = write!(out, "{client_ip}");
         }
-        Variable::Host => out.put_slice(host.unwrap_or(host_out.as_bytes())),
+        Variable::Host => out.put_slice(host.unwrap_or(host_out)),
         Variable::Scheme => out.put_slice(ctx.client.scheme.as_str().as_bytes()),
         Variable::RequestUri => out.put_slice(target.as_bytes()),
     };
@@ -301,7 +298,7 @@ pub(crate) fn parse_request<'p>(
     out.put_u8(b' ');
     out.put_slice(path);
     out.put_slice(b" HTTP/1.1\r\nHost: ");
-    out.put_slice(host_out.as_bytes());
+    out.put_slice(host_out);
     out.put_slice(b"\r\n");
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -367,7 +364,7 @@ pub(crate) fn parse_request<'p>(
     out.put_slice(b"\r\n");
 
     let request = Request {
-        request_line: format!("{method} {target} HTTP/1.{minor}"),
+        request_line: request_line(method, target, minor),
         minor,
         is_head: method == "HEAD",
         idempotent: matches!(
@@ -391,6 +388,16 @@ fn names_other_http_version(head: &[u8]) -> bool {
     let line = head.split(|b| *b == b'\r').next().unwrap_or(head);
     let parts: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
     matches!(parts.as_slice(), [m, t, v] if !m.is_empty() && !t.is_empty() && v.starts_with(b"HTTP/") && !v.starts_with(b"HTTP/1."))
+}
+
+/// `METHOD target HTTP/1.x`, in one allocation of the right size.
+fn request_line(method: &str, target: &str, minor: u8) -> String {
+    let mut line = String::with_capacity(method.len() + target.len() + 10);
+    line.push_str(method);
+    line.push(' ');
+    line.push_str(target);
+    line.push_str(if minor == 0 { " HTTP/1.0" } else { " HTTP/1.1" });
+    line
 }
 
 fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {

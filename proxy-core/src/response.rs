@@ -15,7 +15,7 @@ use crate::body::Framing;
 use crate::error::ResponseError;
 use crate::fields::{
     header_slots, is_hop_or_framing, list_contains, list_items, parse_content_length, trim_ows,
-    STACK_HEADERS,
+    Items, STACK_HEADERS,
 };
 use crate::request::{check_line_endings, UpgradeRequest};
 
@@ -93,13 +93,13 @@ pub(crate) fn parse_response(
     }
     let reason = res.reason.unwrap_or("");
 
-    let mut connection: Vec<&[u8]> = Vec::new();
+    let mut connection = Items::default();
     let mut content_length: Option<u64> = None;
     let mut has_te = false;
     let mut te_chunked_only = true;
     let mut te_count = 0;
     let mut upgrade_ok = false;
-    let mut accepts: Vec<&[u8]> = Vec::new();
+    let mut accepts = Items::default();
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
         let value = trim_ows(h.value);

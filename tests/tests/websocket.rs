@@ -1154,7 +1154,10 @@ async fn event_log_for_echo_session(rt: Runtime) {
     assert_eq!(e.status, Some(101));
     assert!(e.upgraded);
     assert!(e.tunnel_duration.is_some(), "{e:?}");
-    assert_eq!(e.upstream.as_deref(), Some(echo.to_string().as_str()));
+    assert_eq!(
+        e.upstream.as_ref().map(ToString::to_string),
+        Some(echo.to_string())
+    );
     assert!(e.bytes_from_client > 0 && e.bytes_to_client > 0, "{e:?}");
     assert_eq!(e.bytes_from_client, written as u64, "{e:?}");
     assert_eq!(e.bytes_to_client, read as u64, "{e:?}");

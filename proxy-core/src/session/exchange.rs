@@ -320,7 +320,7 @@ impl Session {
         let id = UpstreamId(self.next_upstream);
         if let Some(ex) = self.exchange.as_mut() {
             ex.connect_started = Some(self.now);
-            ex.log.upstream = Some(peer.to_string());
+            ex.log.upstream = Some(peer.clone());
         }
         self.upstream = Some(Upstream {
             id,
