@@ -162,7 +162,7 @@ impl UpstreamGroup {
 
 /// One upstream server, by host (a name or an IP literal) and port. The adapter resolves and
 /// connects; the core only uses the authority for `Host` and logging.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     host: Arc<str>,
     port: u16,
@@ -220,6 +220,23 @@ impl Peer {
     /// when it is 80, and IPv6 literals are bracketed.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+}
+
+// Identity is host and port; the authority is derived from them, so it is left out of the
+// comparison and the hash (the pool hashes a peer on every check-out and release).
+impl PartialEq for Peer {
+    fn eq(&self, other: &Self) -> bool {
+        self.port == other.port && self.host == other.host
+    }
+}
+
+impl Eq for Peer {}
+
+impl std::hash::Hash for Peer {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.host.hash(state);
+        self.port.hash(state);
     }
 }
 
