@@ -156,6 +156,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// switchyard's sources, relative to the workspace: what "the commit measured" refers to.
+const SOURCES: [&str; 4] = ["proxy-core", "proxy-tokio", "proxy-smol", "proxy-cli"];
+
 /// Set by SIGINT/SIGTERM in the orchestrator.
 static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
@@ -309,31 +312,35 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         args.targets.clone()
     };
     let mut versions = Vec::new();
+    // The commit that last changed switchyard's own sources (not this tool's).
     let commit = output(
         Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
+            .args(["log", "-1", "--format=%h", "--"])
+            .args(SOURCES)
             .current_dir(&workspace),
     )
+    .filter(|c| !c.is_empty())
     .unwrap_or_else(|| "unknown".into());
     let dirty = output(
         Command::new("git")
-            .args([
-                "status",
-                "--porcelain",
-                "--",
-                "proxy-core",
-                "proxy-tokio",
-                "proxy-smol",
-                "proxy-cli",
-            ])
+            .args(["status", "--porcelain", "--"])
+            .args(SOURCES)
             .current_dir(&workspace),
     )
     .is_some_and(|s| !s.is_empty());
     let commit = format!("{commit}{}", if dirty { "+dirty" } else { "" });
-    versions.push(format!(
-        "switchyard: {} (worktree commit {commit})",
-        switchyard.display()
-    ));
+    versions.push(if args.switchyard.is_some() {
+        format!(
+            "switchyard: {} (given; not built here)",
+            switchyard.display()
+        )
+    } else {
+        format!(
+            "switchyard: {} built from {} at commit {commit} (the last commit changing it)",
+            switchyard.display(),
+            workspace.display()
+        )
+    });
     for &t in &wanted {
         if let Some(program) = t.program() {
             if targets::installed(program) {
@@ -432,7 +439,10 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         label: args
             .label
             .clone()
-            .unwrap_or_else(|| format!("switchyard {commit}")),
+            .unwrap_or_else(|| match &args.switchyard {
+                Some(p) => format!("switchyard {}", p.display()),
+                None => format!("switchyard {commit}"),
+            }),
         mode: if quick { "quick" } else { "full" }.into(),
         date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
             .unwrap_or_else(|| "unknown date".into()),
