@@ -224,6 +224,16 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// `arg` as a POSIX shell word.
+fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
 /// The orchestrator.
 fn compare(args: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -372,7 +382,8 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
     plan.scenarios = scenarios;
     anyhow::ensure!(!plan.targets.is_empty(), "no target can run here");
 
-    // CPUs.
+    // CPUs (and the machine, described before we pin ourselves).
+    let machine = procfs::machine();
     let cpus = procfs::allowed_cpus();
     let placement = Placement::for_cpus(&cpus);
     if placement.proxy.is_none() {
@@ -428,7 +439,7 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
 
     let command = {
         let mut c = String::from("cargo run --release -p switchyard-benches --bin compare");
-        let rest: Vec<String> = std::env::args().skip(1).collect();
+        let rest: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
         if !rest.is_empty() {
             c.push_str(" -- ");
             c.push_str(&rest.join(" "));
@@ -447,7 +458,7 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
             .unwrap_or_else(|| "unknown date".into()),
         command,
-        machine: procfs::machine(),
+        machine,
         placement,
         clk_tck,
         versions,
@@ -536,3 +547,16 @@ used ≥ 10% of the proxy's CPU while load ran (from `/proc/stat`); such figures
 **LOAD-BOUND** marks rounds where a load-side CPU was ≥ 90% busy while the proxy was under 80%:
 there the throughput is the load side's, and only the CPU-per-unit figure describes the proxy.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn command_lines_are_quoted_for_a_shell() {
+        assert_eq!(shell_quote("--quick"), "--quick");
+        assert_eq!(shell_quote("before: c622304 (x)"), "'before: c622304 (x)'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
