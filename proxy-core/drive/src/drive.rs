@@ -21,7 +21,7 @@
 //! idle deadline moves later with every message; the armed instant stays, fires early, and is
 //! then re-armed once for the real deadline. That keeps timer-wheel work off the relay path.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use proxy_core::{ConnectError, Peer, PeerInfo, Session, Side, UpstreamId};
 
-use crate::link::{Action, Link, MAX_IOVECS};
+use crate::link::{Action, Link};
 use crate::runtime::{BoxFuture, Runtime, Socket, Timer};
 use crate::server::Shared;
 use crate::shutdown::{Stop, StopWatch, TaskGuard};
@@ -275,11 +275,10 @@ impl<R: Runtime> Driver<R> {
     fn flush(&mut self, side: Side, cx: &mut Context<'_>, now: Instant) {
         for _ in 0..WRITES_PER_TURN {
             let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let Some((socket, n)) = self.link.write_slices(side, &mut slices) else {
+                let Some((socket, queue)) = self.link.queued(side) else {
                     return;
                 };
-                sys::write(socket, &slices[..n])
+                sys::write_queue(socket, queue)
             };
             let must_wait = match result {
                 Ok(WriteOutcome::Wrote { n: 0, .. }) => {

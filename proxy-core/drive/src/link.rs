@@ -5,16 +5,12 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::IoSlice;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use proxy_core::{
     ConnectError, Event, ExchangeLog, Input, Output, Peer, Session, Side, UpstreamId,
 };
-
-/// How many queued buffers one vectored write offers at most.
-pub(crate) const MAX_IOVECS: usize = 16;
 
 /// Something the session asked for that involves a socket, the pool or the log.
 #[derive(Debug)]
@@ -161,20 +157,11 @@ impl<S> Link<S> {
         self.sockets[index(side)].is_some() && !self.queues[index(side)].is_empty()
     }
 
-    /// The socket of `side` and its queued bytes as slices for a vectored write; `None` when
-    /// there is nothing to write.
-    pub(crate) fn write_slices<'a>(
-        &'a self,
-        side: Side,
-        slices: &mut [IoSlice<'a>; MAX_IOVECS],
-    ) -> Option<(&'a S, usize)> {
+    /// The socket of `side` and the bytes queued for it; `None` when there is nothing to write.
+    pub(crate) fn queued(&self, side: Side) -> Option<(&S, &VecDeque<Bytes>)> {
         let socket = self.sockets[index(side)].as_ref()?;
-        let mut n = 0;
-        for (slot, bytes) in slices.iter_mut().zip(self.queues[index(side)].iter()) {
-            *slot = IoSlice::new(bytes);
-            n += 1;
-        }
-        (n > 0).then_some((socket, n))
+        let queue = &self.queues[index(side)];
+        (!queue.is_empty()).then_some((socket, queue))
     }
 
     /// `n` bytes were written to `side`: drops them from the queue (splitting a partly written
@@ -283,9 +270,8 @@ mod tests {
     }
 
     fn queued(l: &Link<&'static str>, side: Side) -> usize {
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        l.write_slices(side, &mut slices)
-            .map(|(_, n)| slices[..n].iter().map(|s| s.len()).sum())
+        l.queued(side)
+            .map(|(_, q)| q.iter().map(Bytes::len).sum())
             .unwrap_or(0)
     }
 

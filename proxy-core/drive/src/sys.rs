@@ -9,7 +9,8 @@
 //! * a **short write fills the socket**: likewise, the next attempt waits for writability.
 
 use std::cell::RefCell;
-use std::io::{self, IoSlice, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
@@ -78,12 +79,39 @@ pub(crate) enum WriteOutcome {
     Wrote { n: usize, full: bool },
 }
 
+/// How many queued buffers one vectored write offers at most.
+const MAX_IOVECS: usize = 16;
+
+/// Writes the front of `queue` to `socket`: the one buffer with `send`, several with one
+/// vectored write.
+pub(crate) fn write_queue<S: Socket>(
+    socket: &S,
+    queue: &VecDeque<Bytes>,
+) -> io::Result<WriteOutcome> {
+    if let (1, Some(one)) = (queue.len(), queue.front()) {
+        return write(socket, &[IoSlice::new(one)]);
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+    let mut n = 0;
+    for (slot, bytes) in slices.iter_mut().zip(queue) {
+        *slot = IoSlice::new(bytes);
+        n += 1;
+    }
+    write(socket, &slices[..n])
+}
+
 /// One non-blocking vectored write of `slices` to `socket`.
 pub(crate) fn write<S: Socket>(socket: &S, slices: &[IoSlice<'_>]) -> io::Result<WriteOutcome> {
     let offered: usize = slices.iter().map(|s| s.len()).sum();
     let mut short = None;
     let result = socket.try_io(Direction::Write, || {
-        let n = (&*SockRef::from(socket)).write_vectored(slices)?;
+        let sock = SockRef::from(socket);
+        // One buffer (the usual case on the relay path) goes by `send`, which the kernel
+        // takes without importing a message header and an iovec array.
+        let n = match slices {
+            [one] => sock.send_with_flags(one, SEND_FLAGS)?,
+            _ => sock.send_vectored_with_flags(slices, SEND_FLAGS)?,
+        };
         if n > 0 && n < offered {
             short = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());
@@ -96,6 +124,13 @@ pub(crate) fn write<S: Socket>(socket: &S, slices: &[IoSlice<'_>]) -> io::Result
         (Err(e), None) => Err(e),
     }
 }
+
+/// A peer that has gone must give `EPIPE`, never `SIGPIPE`, whatever the embedding program
+/// does with signals.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: std::ffi::c_int = 0;
 
 /// Options every proxied connection gets: small writes (frames, heads) must not wait for Nagle.
 pub(crate) fn configure<S: Socket>(socket: &S) {
@@ -121,9 +156,7 @@ pub(crate) fn idle_and_open<S: Socket>(socket: &S) -> bool {
 /// Starts a non-blocking connect to `addr` and registers the socket with the runtime; it is
 /// connected once writable and [`connect_result`] says so.
 pub(crate) fn start_connect<R: Runtime>(rt: &R, addr: SocketAddr) -> io::Result<R::Socket> {
-    let socket =
-        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
+    let socket = new_nonblocking_socket(addr)?;
     // Set before the SYN, so the first bytes never wait for Nagle.
     let _ = socket.set_tcp_nodelay(true);
     match socket.connect(&addr.into()) {
@@ -132,6 +165,24 @@ pub(crate) fn start_connect<R: Runtime>(rt: &R, addr: SocketAddr) -> io::Result<
         Err(e) => return Err(e),
     }
     rt.register(std::net::TcpStream::from(socket))
+}
+
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn new_nonblocking_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    // Created non-blocking (and close-on-exec, which socket2 always sets): no fcntl calls.
+    socket2::Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn new_nonblocking_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket =
+        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 #[cfg(unix)]

@@ -107,15 +107,25 @@ impl Session {
         let State::Tunnel(t) = &mut self.state else {
             return;
         };
+        let mut shut_now = [false; 2];
         for from in [Side::Client, Side::Upstream] {
             let dir = &mut t.dirs[from.index()];
             if dir.eof && !dir.shut && self.in_flight[from.other().index()] == 0 {
                 dir.shut = true;
-                self.outputs
-                    .push_back(Output::ShutdownWrite { side: from.other() });
+                shut_now[from.index()] = true;
             }
         }
         let both = t.dirs.iter().all(|d| d.shut);
+        if !both {
+            // When this pass finishes the tunnel, both sockets are closed next, and the close
+            // sends the FIN: a shutdown first would only cost a syscall.
+            for from in [Side::Client, Side::Upstream] {
+                if shut_now[from.index()] {
+                    self.outputs
+                        .push_back(Output::ShutdownWrite { side: from.other() });
+                }
+            }
+        }
         let any = t.dirs.iter().any(|d| d.eof);
         let first = t.first_eof;
         if both {
