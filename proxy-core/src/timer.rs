@@ -54,42 +54,58 @@ impl Timer {
     }
 }
 
-/// One optional deadline per [`Timer`].
-#[derive(Debug, Clone, Default)]
+/// One optional deadline per [`Timer`], stored as nanoseconds after the session's start: half
+/// the size of a table of `Option<Instant>`, which matters for a tunnel idling for hours.
+#[derive(Debug, Clone)]
 pub(crate) struct TimerTable {
-    deadlines: [Option<Instant>; Timer::ALL.len()],
+    base: Instant,
+    /// Nanoseconds after `base`; [`UNARMED`] for none.
+    deadlines: [u64; Timer::ALL.len()],
 }
 
+/// The table entry of a timer that is not armed.
+const UNARMED: u64 = u64::MAX;
+
 impl TimerTable {
+    /// An empty table for a session that starts at `base`; no deadline is ever before it.
+    pub(crate) fn new(base: Instant) -> Self {
+        TimerTable {
+            base,
+            deadlines: [UNARMED; Timer::ALL.len()],
+        }
+    }
+
     /// Arms `timer` at `now + after`. A zero duration, or one too large to represent, disarms it:
     /// zero means "no timeout" throughout the configuration.
     pub(crate) fn arm(&mut self, timer: Timer, now: Instant, after: Duration) {
-        self.deadlines[timer.index()] = if after.is_zero() {
-            None
-        } else {
-            now.checked_add(after)
-        };
+        match now.checked_add(after) {
+            Some(at) if !after.is_zero() => self.arm_at(timer, at),
+            _ => self.stop(timer),
+        }
     }
 
+    /// Arms `timer` at `at` (at the start, if `at` is earlier). A deadline more than 584 years
+    /// away cannot fire and is not armed.
     pub(crate) fn arm_at(&mut self, timer: Timer, at: Instant) {
-        self.deadlines[timer.index()] = Some(at);
+        let nanos = at.saturating_duration_since(self.base).as_nanos();
+        self.deadlines[timer.index()] = u64::try_from(nanos).unwrap_or(UNARMED);
     }
 
     pub(crate) fn stop(&mut self, timer: Timer) {
-        self.deadlines[timer.index()] = None;
+        self.deadlines[timer.index()] = UNARMED;
     }
 
     pub(crate) fn get(&self, timer: Timer) -> Option<Instant> {
-        self.deadlines[timer.index()]
+        self.instant(self.deadlines[timer.index()])
     }
 
     pub(crate) fn stop_all(&mut self) {
-        self.deadlines = Default::default();
+        self.deadlines = [UNARMED; Timer::ALL.len()];
     }
 
     /// The earliest armed deadline.
     pub(crate) fn next(&self) -> Option<Instant> {
-        self.deadlines.iter().flatten().min().copied()
+        self.instant(self.deadlines.iter().copied().min().unwrap_or(UNARMED))
     }
 
     /// The first timer (in [`Timer::ALL`] order) whose deadline is at or before `now`, disarmed.
@@ -100,6 +116,13 @@ impl TimerTable {
         self.stop(t);
         Some(t)
     }
+
+    fn instant(&self, nanos: u64) -> Option<Instant> {
+        if nanos == UNARMED {
+            return None;
+        }
+        self.base.checked_add(Duration::from_nanos(nanos))
+    }
 }
 
 #[cfg(test)]
@@ -109,7 +132,7 @@ mod tests {
     #[test]
     fn earliest_wins_and_zero_disarms() {
         let now = Instant::now();
-        let mut t = TimerTable::default();
+        let mut t = TimerTable::new(now);
         t.arm(Timer::Connect, now, Duration::from_secs(5));
         t.arm(Timer::UpstreamRead, now, Duration::from_secs(2));
         t.arm(Timer::Fin, now, Duration::ZERO);
@@ -123,6 +146,31 @@ mod tests {
             t.take_expired(now + Duration::from_secs(9)),
             Some(Timer::UpstreamRead)
         );
+        assert_eq!(t.next(), None);
+    }
+
+    #[test]
+    fn deadlines_round_trip_exactly() {
+        let base = Instant::now();
+        let mut t = TimerTable::new(base);
+        let at = base + Duration::new(3600, 123_456_789);
+        t.arm_at(Timer::TunnelIdle, at);
+        assert_eq!(t.get(Timer::TunnelIdle), Some(at));
+        if let Some(before) = base.checked_sub(Duration::from_secs(1)) {
+            t.arm_at(Timer::Drain, before);
+            assert_eq!(
+                t.get(Timer::Drain),
+                Some(base),
+                "earlier than the start fires at once"
+            );
+        }
+        t.arm(Timer::Fin, base, Duration::from_secs(u64::MAX / 1000));
+        assert_eq!(
+            t.get(Timer::Fin),
+            None,
+            "beyond representation is not armed"
+        );
+        t.stop_all();
         assert_eq!(t.next(), None);
     }
 }

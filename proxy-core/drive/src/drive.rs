@@ -62,7 +62,6 @@ pub(crate) async fn run<R: Runtime>(
     let mut driver = Driver {
         timer: shared.rt.timer(),
         shared,
-        addr,
         link: Link::new(session, socket),
         connecting: None,
         armed: None,
@@ -119,7 +118,6 @@ enum TimerStep {
 
 struct Driver<R: Runtime> {
     shared: Arc<Shared<R>>,
-    addr: SocketAddr,
     link: Link<R::Socket>,
     connecting: Option<Connecting<R::Socket>>,
     timer: R::Timer,
@@ -176,7 +174,7 @@ impl<R: Runtime> Driver<R> {
                 || matches!(timer, TimerStep::Waiting);
             if !waiting {
                 // The session has no way forward; end it rather than wait forever.
-                tracing::warn!(client = %self.addr, "connection has nothing left to wait for; closing");
+                tracing::warn!(client = %self.link.session().client().addr, "connection has nothing left to wait for; closing");
                 return Poll::Ready(());
             }
             return Poll::Pending;
@@ -360,7 +358,7 @@ impl<R: Runtime> Driver<R> {
     }
 
     fn connect_failed(&mut self, id: UpstreamId, why: ConnectError, e: &io::Error, now: Instant) {
-        tracing::debug!(client = %self.addr, error = %e, "upstream connect failed");
+        tracing::debug!(client = %self.link.session().client().addr, error = %e, "upstream connect failed");
         self.connecting = None;
         self.link.connect_failed(id, why, now);
     }

@@ -36,11 +36,59 @@ pub(crate) enum Action<S> {
     Event(Box<ExchangeLog>),
 }
 
+/// The bytes waiting to be written to one socket, in order. The first buffer is held inline:
+/// a relayed message is usually alone in its queue, so a connection that relays one message at
+/// a time (and every idle one) keeps no queue allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    first: Option<Bytes>,
+    /// Only ever non-empty when `first` is `Some`.
+    rest: VecDeque<Bytes>,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(bytes);
+        } else {
+            self.rest.push_back(bytes);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
+    /// Drops the first `n` bytes, splitting a partly written buffer without copying.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.first.as_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.first = self.rest.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
 /// A session, its sockets and their write queues.
 pub(crate) struct Link<S> {
     session: Session,
     sockets: [Option<S>; 2],
-    queues: [VecDeque<Bytes>; 2],
+    queues: [Outbox; 2],
     read_closed: [bool; 2],
     upstream_peer: Option<Peer>,
     /// The connect attempt the session is waiting for.
@@ -62,7 +110,7 @@ impl<S> Link<S> {
         Link {
             session,
             sockets: [Some(client), None],
-            queues: [VecDeque::new(), VecDeque::new()],
+            queues: Default::default(),
             read_closed: [false; 2],
             upstream_peer: None,
             pending_connect: None,
@@ -95,7 +143,7 @@ impl<S> Link<S> {
     pub(crate) fn next_action(&mut self) -> Option<Action<S>> {
         while let Some(out) = self.session.poll_output() {
             match out {
-                Output::Send { to, bytes } => self.queues[index(to)].push_back(bytes),
+                Output::Send { to, bytes } => self.queues[index(to)].push(bytes),
                 Output::Connect {
                     id,
                     peer,
@@ -138,7 +186,7 @@ impl<S> Link<S> {
     fn drop_side(&mut self, side: Side) {
         let i = index(side);
         self.sockets[i] = None;
-        self.queues[i] = VecDeque::new();
+        self.queues[i] = Outbox::default();
         self.read_closed[i] = true;
         if side == Side::Upstream {
             self.upstream_peer = None;
@@ -158,7 +206,7 @@ impl<S> Link<S> {
     }
 
     /// The socket of `side` and the bytes queued for it; `None` when there is nothing to write.
-    pub(crate) fn queued(&self, side: Side) -> Option<(&S, &VecDeque<Bytes>)> {
+    pub(crate) fn queued(&self, side: Side) -> Option<(&S, &Outbox)> {
         let socket = self.sockets[index(side)].as_ref()?;
         let queue = &self.queues[index(side)];
         (!queue.is_empty()).then_some((socket, queue))
@@ -166,23 +214,10 @@ impl<S> Link<S> {
 
     /// `n` bytes were written to `side`: drops them from the queue (splitting a partly written
     /// buffer without copying) and tells the session.
-    pub(crate) fn wrote(&mut self, side: Side, mut n: usize, now: Instant) {
-        let len = n;
-        let queue = &mut self.queues[index(side)];
-        while n > 0 {
-            let Some(front) = queue.front_mut() else {
-                break;
-            };
-            if front.len() <= n {
-                n -= front.len();
-                queue.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+    pub(crate) fn wrote(&mut self, side: Side, n: usize, now: Instant) {
+        self.queues[index(side)].consume(n);
         self.session
-            .handle_input(now, Input::Sent { to: side, len });
+            .handle_input(now, Input::Sent { to: side, len: n });
     }
 
     /// Bytes were read from `side`.
@@ -201,7 +236,7 @@ impl<S> Link<S> {
     pub(crate) fn failed(&mut self, side: Side, now: Instant) {
         let i = index(side);
         self.read_closed[i] = true;
-        self.queues[i] = VecDeque::new();
+        self.queues[i] = Outbox::default();
         self.session.handle_input(now, Input::Reset { from: side });
     }
 
@@ -329,6 +364,24 @@ mod tests {
             l.has_queued(Side::Client),
             "the response is queued for the client"
         );
+    }
+
+    #[test]
+    fn outbox_keeps_order_across_partial_writes_and_holds_one_buffer_inline() {
+        let mut q = Outbox::default();
+        assert!(q.is_empty());
+        q.push(Bytes::from_static(b"abc"));
+        assert_eq!(q.rest.capacity(), 0, "one buffer needs no allocation");
+        q.push(Bytes::from_static(b"de"));
+        q.push(Bytes::from_static(b"fgh"));
+        assert_eq!(q.len(), 3);
+        q.consume(4);
+        let left: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(left, b"efgh");
+        q.consume(4);
+        assert!(q.is_empty() && q.rest.is_empty());
+        q.push(Bytes::from_static(b"i"));
+        assert_eq!(q.iter().count(), 1);
     }
 
     #[test]

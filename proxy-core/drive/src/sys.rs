@@ -9,7 +9,6 @@
 //! * a **short write fills the socket**: likewise, the next attempt waits for writability.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 
@@ -17,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use proxy_core::ConnectError;
 use socket2::{Domain, Protocol, SockRef, Type};
 
+use crate::link::Outbox;
 use crate::runtime::{Direction, Runtime, Socket};
 
 /// The size of the buffer a thread reads into. Reads are split off it and handed to the core
@@ -84,16 +84,13 @@ const MAX_IOVECS: usize = 16;
 
 /// Writes the front of `queue` to `socket`: the one buffer with `send`, several with one
 /// vectored write.
-pub(crate) fn write_queue<S: Socket>(
-    socket: &S,
-    queue: &VecDeque<Bytes>,
-) -> io::Result<WriteOutcome> {
-    if let (1, Some(one)) = (queue.len(), queue.front()) {
+pub(crate) fn write_queue<S: Socket>(socket: &S, queue: &Outbox) -> io::Result<WriteOutcome> {
+    if let (1, Some(one)) = (queue.len(), queue.iter().next()) {
         return write(socket, &[IoSlice::new(one)]);
     }
     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
     let mut n = 0;
-    for (slot, bytes) in slices.iter_mut().zip(queue) {
+    for (slot, bytes) in slices.iter_mut().zip(queue.iter()) {
         *slot = IoSlice::new(bytes);
         n += 1;
     }

@@ -120,7 +120,7 @@ impl Session {
         client: PeerInfo,
         now: Instant,
     ) -> Self {
-        let mut timers = TimerTable::default();
+        let mut timers = TimerTable::new(now);
         timers.arm(Timer::RequestHead, now, config.timeouts.request_head);
         Session {
             config,
@@ -272,6 +272,11 @@ impl Session {
     /// True once the session has closed both connections; the adapter can drop it.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Done)
+    }
+
+    /// The client this session serves.
+    pub fn client(&self) -> &PeerInfo {
+        &self.client
     }
 
     /// The configuration this session runs with.

@@ -47,6 +47,8 @@ impl Session {
         let now: Instant = self.now;
         if let Some(ex) = self.exchange.as_mut() {
             ex.tunnel_started = Some(now);
+            // The offer was only needed to check the 101; a tunnel may idle for hours.
+            ex.upgrade = None;
         }
         self.timers
             .arm(Timer::TunnelIdle, now, self.config.timeouts.tunnel_idle);
@@ -62,7 +64,9 @@ impl Session {
         if !after_head.is_empty() {
             self.tunnel_data(Side::Upstream, after_head);
         }
-        while let Some(held) = self.client_rx.pop_front() {
+        // Held bytes go upstream, and the queue that held them is freed: the tunnel never
+        // uses it again.
+        for held in std::mem::take(&mut self.client_rx) {
             self.tunnel_data(Side::Client, held);
         }
         self.client_rx_len = 0;
