@@ -7,6 +7,7 @@
 //! `reusable: false`.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::config::Peer;
@@ -15,7 +16,7 @@ use crate::config::Peer;
 /// likely to have been closed by the peer's own idle timeout).
 #[derive(Debug)]
 pub struct IdlePool<C> {
-    peers: HashMap<Peer, VecDeque<(C, Instant)>>,
+    peers: HashMap<Peer, VecDeque<(C, Instant)>, BuildHasherDefault<PeerHasher>>,
     idle_timeout: Duration,
     max_per_peer: usize,
     len: usize,
@@ -26,7 +27,7 @@ impl<C> IdlePool<C> {
     /// `idle_timeout`. `max_per_peer == 0` disables pooling.
     pub fn new(idle_timeout: Duration, max_per_peer: usize) -> Self {
         IdlePool {
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             idle_timeout,
             max_per_peer,
             len: 0,
@@ -96,6 +97,30 @@ impl<C> IdlePool<C> {
             .filter_map(|l| l.back())
             .filter_map(|(_, since)| since.checked_add(self.idle_timeout))
             .min()
+    }
+}
+
+/// FNV-1a over a peer's host and port. Keys come from the configuration, not from clients, so
+/// the pool needs no defence against chosen collisions, and SipHash would only cost time on
+/// every check-out and release.
+#[derive(Debug)]
+pub(crate) struct PeerHasher(u64);
+
+impl Default for PeerHasher {
+    fn default() -> Self {
+        PeerHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for PeerHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

@@ -278,7 +278,7 @@ pub(crate) fn parse_request<'p>(
     };
     let var = |v: Variable, out: &mut BytesMut| match v {
         Variable::RemoteAddr => {
-            let _ = write!(out, "{client_ip}");
+            put_ip(out, client_ip);
         }
         Variable::Host => out.put_slice(host.unwrap_or(host_out)),
         Variable::Scheme => out.put_slice(ctx.client.scheme.as_str().as_bytes()),
@@ -321,7 +321,8 @@ pub(crate) fn parse_request<'p>(
                 out.put_slice(b", ");
             }
         }
-        let _ = write!(out, "{client_ip}\r\n");
+        put_ip(&mut out, client_ip);
+        out.put_slice(b"\r\n");
     }
     if !ruled(b"x-forwarded-proto") {
         let proto = seen
@@ -388,6 +389,35 @@ fn names_other_http_version(head: &[u8]) -> bool {
     let line = head.split(|b| *b == b'\r').next().unwrap_or(head);
     let parts: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
     matches!(parts.as_slice(), [m, t, v] if !m.is_empty() && !t.is_empty() && v.starts_with(b"HTTP/") && !v.starts_with(b"HTTP/1."))
+}
+
+/// Writes an address as text without the formatting machinery (it is on every request's path).
+fn put_ip(out: &mut BytesMut, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b'.');
+                }
+                let mut digits = [0u8; 3];
+                let mut n = octet;
+                let mut len = 0;
+                loop {
+                    digits[len] = b'0' + n % 10;
+                    len += 1;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                digits[..len].reverse();
+                out.put_slice(&digits[..len]);
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// `METHOD target HTTP/1.x`, in one allocation of the right size.
@@ -489,6 +519,23 @@ pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn put_ip_writes_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.255.9",
+            "192.168.100.1",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().expect("an address literal");
+            let mut out = BytesMut::new();
+            put_ip(&mut out, ip);
+            assert_eq!(&out[..], ip.to_string().as_bytes());
+        }
+    }
     use crate::config::{HostPolicy, IpNet, Template, UpstreamGroup};
 
     fn config() -> Config {
