@@ -96,6 +96,9 @@
 //! * [`Session`] — the state machine; its module docs draw the lifecycle.
 //! * [`Balancer`] — the shared peer-choice state.
 //! * [`IdlePool`] — upstream keep-alive pool bookkeeping, shared by every adapter.
+//!
+//! The async drive loop that switchyard's own adapters run (futures, wakers, sockets) is not
+//! here: it is the `proxy-drive` crate, beside this one, so that this crate keeps its promise.
 //! * [`Input`], [`Output`], [`Event`] — the vocabulary with adapters.
 
 pub mod config;
