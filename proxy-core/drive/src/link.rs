@@ -310,9 +310,8 @@ mod tests {
             .unwrap_or(0)
     }
 
-    #[test]
-    fn queues_partial_writes_and_releases() {
-        let (mut l, now) = link();
+    /// Feeds a request head and returns the connect the session asks for.
+    fn request(l: &mut Link<&'static str>, now: Instant) -> UpstreamId {
         l.received(
             Side::Client,
             Bytes::from_static(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
@@ -321,6 +320,13 @@ mod tests {
         let Some(Action::Connect { id, .. }) = l.next_action() else {
             panic!("expected a connect")
         };
+        id
+    }
+
+    #[test]
+    fn queues_partial_writes_and_releases() {
+        let (mut l, now) = link();
+        let id = request(&mut l, now);
         assert!(l.is_connecting());
         assert!(l.next_action().is_none());
         assert_eq!(l.connected(id, "up", false, now), None);
@@ -397,14 +403,7 @@ mod tests {
     #[test]
     fn a_failed_side_drops_its_queue_and_stops_reading() {
         let (mut l, now) = link();
-        l.received(
-            Side::Client,
-            Bytes::from_static(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
-            now,
-        );
-        let Some(Action::Connect { id, .. }) = l.next_action() else {
-            panic!("expected a connect")
-        };
+        let id = request(&mut l, now);
         assert_eq!(l.connected(id, "up", false, now), None);
         while l.next_action().is_some() {}
         assert!(l.has_queued(Side::Upstream));

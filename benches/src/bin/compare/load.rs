@@ -195,6 +195,32 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The result of a measured window: `units` done in `window`, and the CPU ticks of the watched
+/// pids and of this process since `start` (as read by [`ticks`] when the window opened).
+fn window_result(
+    shared: &Shared,
+    watch: &[u32],
+    start: (&[u64], u64),
+    units: u64,
+    stalled: u64,
+    window: Duration,
+) -> anyhow::Result<LoadResult> {
+    let (watch0, self0) = start;
+    let (watch1, self1) = ticks(watch)?;
+    Ok(LoadResult {
+        units,
+        window_ns: window.as_nanos() as u64,
+        errors: shared.errors.load(Ordering::Relaxed),
+        stalled,
+        ticks: watch1
+            .iter()
+            .zip(watch0)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect(),
+        self_ticks: self1.saturating_sub(self0),
+    })
+}
+
 /// Prints the first error (if any) and the result line.
 fn report(shared: &Shared, result: &LoadResult) {
     if let Ok(first) = shared.first_error.lock() {
@@ -267,19 +293,16 @@ async fn timed(args: &LoadArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     let units1 = shared.snapshot();
     let window = t0.elapsed();
-    let (watch1, self1) = ticks(&args.watch)?;
-    let result = LoadResult {
-        units: units1.iter().sum::<u64>() - units0.iter().sum::<u64>(),
-        window_ns: window.as_nanos() as u64,
-        errors: shared.errors.load(Ordering::Relaxed),
-        stalled: units0.iter().zip(&units1).filter(|(a, b)| a == b).count() as u64,
-        ticks: watch1
-            .iter()
-            .zip(&watch0)
-            .map(|(b, a)| b.saturating_sub(*a))
-            .collect(),
-        self_ticks: self1.saturating_sub(self0),
-    };
+    let units = units1.iter().sum::<u64>() - units0.iter().sum::<u64>();
+    let stalled = units0.iter().zip(&units1).filter(|(a, b)| a == b).count() as u64;
+    let result = window_result(
+        &shared,
+        &args.watch,
+        (&watch0, self0),
+        units,
+        stalled,
+        window,
+    )?;
     report(&shared, &result);
     Ok(())
 }
@@ -311,20 +334,8 @@ async fn counted_handshakes(args: &LoadArgs) -> anyhow::Result<()> {
         shared.error(&anyhow::anyhow!("{total} handshakes took over 300 s"));
     }
     let window = t0.elapsed();
-    let (watch1, self1) = ticks(&args.watch)?;
     let units: u64 = shared.snapshot().iter().sum();
-    let result = LoadResult {
-        units,
-        window_ns: window.as_nanos() as u64,
-        errors: shared.errors.load(Ordering::Relaxed),
-        stalled: 0,
-        ticks: watch1
-            .iter()
-            .zip(&watch0)
-            .map(|(b, a)| b.saturating_sub(*a))
-            .collect(),
-        self_ticks: self1.saturating_sub(self0),
-    };
+    let result = window_result(&shared, &args.watch, (&watch0, self0), units, 0, window)?;
     report(&shared, &result);
     Ok(())
 }
