@@ -72,10 +72,7 @@ pub async fn serve(
     shutdown: Shutdown,
     spawner: impl Spawn,
 ) -> io::Result<()> {
-    let rt = AsyncIo {
-        spawner: Arc::new(spawner),
-    };
-    proxy_drive::serve(rt, config, listeners, options, shutdown).await
+    proxy_drive::serve(AsyncIo::new(spawner), config, listeners, options, shutdown).await
 }
 
 /// The async-io runtime, for [`proxy_drive::serve`], with tasks going to a [`Spawn`].

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use proxy_core::IpNet;
+use proxy_core::{Config, IpNet, Peer, UpstreamGroup};
 use switchyard_tests::origin::{self, http_origin, Responder, SeenRequest};
 use switchyard_tests::{
     config_for, runtime_tests, start_proxy, start_proxy_with, ProxyOptions, Runtime, WAIT,
@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 runtime_tests! {
     keep_alive_reuses_one_upstream_connection,
+    upstream_named_by_host_name,
     post_one_mib_with_content_length,
     chunked_request_and_response,
     head_204_304_have_no_body,
@@ -300,6 +301,33 @@ async fn keep_alive_reuses_one_upstream_connection(rt: Runtime) {
         "every request on upstream connection 0: {seen:?}"
     );
     assert_eq!(origin.connection_count(), 1, "one upstream connection");
+    drop(client);
+    proxy.stop();
+}
+
+/// An upstream given by name (`localhost`, from the hosts file: no traffic leaves the machine)
+/// is looked up off the event loop and connected to; the log names it as configured.
+async fn upstream_named_by_host_name(rt: Runtime) {
+    let origin = http_origin(responder(|req| Some(ok(&path_of(req))))).await;
+    let config = Config::new(UpstreamGroup::new(vec![Peer::new(
+        "localhost",
+        origin.addr.port(),
+    )]));
+    let proxy = start_proxy(rt, config);
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send(b"GET /by-name HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await;
+    let resp = client.response(false).await;
+    assert_eq!(
+        show(&resp.raw),
+        "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n/by-name"
+    );
+    let events = proxy.events.wait_for(1);
+    assert_eq!(
+        events[0].upstream.as_ref().map(ToString::to_string),
+        Some(format!("localhost:{}", origin.addr.port()))
+    );
     drop(client);
     proxy.stop();
 }
