@@ -339,17 +339,17 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
     )
     .is_some_and(|s| !s.is_empty());
     let commit = format!("{commit}{}", if dirty { "+dirty" } else { "" });
+    // Paths are written relative to the workspace: RESULTS.md is committed, and a machine's
+    // directory layout says nothing about the figures.
+    let shown = switchyard
+        .strip_prefix(&workspace)
+        .unwrap_or(&switchyard)
+        .display()
+        .to_string();
     versions.push(if args.switchyard.is_some() {
-        format!(
-            "switchyard: {} (given; not built here)",
-            switchyard.display()
-        )
+        format!("switchyard: {shown} (given; not built here)")
     } else {
-        format!(
-            "switchyard: {} built from {} at commit {commit} (the last commit changing it)",
-            switchyard.display(),
-            workspace.display()
-        )
+        format!("switchyard: {shown} built from this workspace at commit {commit} (the last commit changing it)")
     });
     for &t in &wanted {
         if let Some(program) = t.program() {
