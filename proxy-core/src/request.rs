@@ -12,14 +12,14 @@ use std::mem::MaybeUninit;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::body::Framing;
-use crate::config::{Config, HeaderRule, Peer, TemplatePart, Variable};
+use crate::config::{Config, HeaderRule, Limits, Peer, TemplatePart, Variable};
 use crate::error::RequestError;
 use crate::fields::{
-    header_slots, is_hop_or_framing, is_token_byte, is_valid_host, list_items,
-    parse_content_length, trim_ows, Items, STACK_HEADERS,
+    is_hop_or_framing, is_token_byte, is_valid_host, list_items, parse_content_length, trim_ows,
+    Items,
 };
 use crate::io::PeerInfo;
-use crate::upgrade::{websocket_accept, ACCEPT_LEN};
+use crate::upgrade::UpgradeRequest;
 
 /// Longest `Referer` / `User-Agent` kept for the access log.
 const MAX_LOGGED_FIELD: usize = 512;
@@ -43,16 +43,6 @@ pub(crate) struct Request {
     pub(crate) user_agent: Option<String>,
     /// The head for the upstream.
     pub(crate) upstream_head: Bytes,
-}
-
-/// A request that may switch protocols.
-#[derive(Debug, Clone)]
-pub(crate) struct UpgradeRequest {
-    /// The protocol token as the client spelled it.
-    pub(crate) token: String,
-    /// The `Sec-WebSocket-Accept` a genuine answer must carry (websocket with exactly one key).
-    pub(crate) expected_accept: Option<[u8; ACCEPT_LEN]>,
-    pub(crate) is_websocket: bool,
 }
 
 /// What the session knows when a head arrives.
@@ -80,23 +70,59 @@ struct Seen<'h> {
     xfh: Option<&'h [u8]>,
 }
 
-/// Validates `head` and builds the upstream head. `pick` chooses the upstream peer; it is called
-/// only for a valid request, so refused requests do not move the balancer.
-pub(crate) fn parse_request<'p>(
-    head: &[u8],
-    ctx: &RequestContext<'_>,
-    pick: impl FnOnce() -> Option<&'p Peer>,
-) -> Result<(Request, &'p Peer), RequestError> {
-    let limits = &ctx.config.limits;
+/// A request head that passed validation (RFC 9110/9112), borrowing the head's bytes and the
+/// header slots it was parsed into. Nothing about where it goes has been decided yet: the router
+/// reads it, then [`serialise`] turns it into the upstream head.
+pub(crate) struct ParsedRequest<'h> {
+    pub(crate) method: &'h str,
+    /// The request-target as received.
+    pub(crate) target: &'h str,
+    /// The origin-form path sent upstream (from an absolute-form target too).
+    pub(crate) path: &'h [u8],
+    pub(crate) minor: u8,
+    headers: &'h [httparse::Header<'h>],
+    /// The absolute-form authority, else the `Host` field; `None` when empty or absent.
+    pub(crate) host: Option<&'h [u8]>,
+    pub(crate) framing: Framing,
+    /// Whether the client asked to keep the connection open.
+    pub(crate) keep_alive: bool,
+    seen: Seen<'h>,
+}
+
+impl<'h> ParsedRequest<'h> {
+    /// Whether `Connection` (across all its lines) names `token`.
+    pub(crate) fn connection_has(&self, token: &[u8]) -> bool {
+        self.seen
+            .connection
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(token))
+    }
+
+    /// The `Upgrade` tokens offered, in order.
+    pub(crate) fn upgrade_offers(&self) -> &[&'h [u8]] {
+        self.seen.upgrade.as_slice()
+    }
+
+    /// Every `Sec-WebSocket-Key` value sent.
+    pub(crate) fn websocket_keys(&self) -> &[&'h [u8]] {
+        self.seen.ws_keys.as_slice()
+    }
+}
+
+/// Validates `head` (the complete request head, blank line included), parsing its fields into
+/// `slots`. Everything it returns on error is a status for the client; nothing has been chosen
+/// or sent.
+pub(crate) fn parse_request<'h>(
+    head: &'h [u8],
+    slots: &'h mut [MaybeUninit<httparse::Header<'h>>],
+    limits: &Limits,
+) -> Result<ParsedRequest<'h>, RequestError> {
     let body = trim_leading_empty_lines(head);
     if body.starts_with(b"PRI * HTTP/2.0") {
         return Err(RequestError::Version);
     }
     check_line_endings(head).map_err(RequestError::Malformed)?;
 
-    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-    let mut heap = Vec::new();
-    let slots = header_slots(&mut stack, &mut heap, limits.max_headers);
     let mut req = httparse::Request::new(&mut []);
     match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, head, slots)
     {
@@ -119,6 +145,8 @@ pub(crate) fn parse_request<'p>(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(RequestError::Malformed("incomplete request line"));
     };
+    let headers: &'h mut [httparse::Header<'h>] = std::mem::take(&mut req.headers);
+    let headers: &'h [httparse::Header<'h>] = headers;
     if target.len() > limits.max_uri {
         return Err(RequestError::UriTooLong);
     }
@@ -129,7 +157,7 @@ pub(crate) fn parse_request<'p>(
     let (abs_authority, path) = split_target(method, target)?;
 
     let mut seen = Seen::default();
-    for h in req.headers.iter() {
+    for h in headers {
         let name = h.name.as_bytes();
         let value = trim_ows(h.value);
         let lower = |s: &[u8]| name.eq_ignore_ascii_case(s);
@@ -234,41 +262,48 @@ pub(crate) fn parse_request<'p>(
             Some(n) => Framing::Length(n),
         }
     };
-    if let Framing::Length(n) = framing {
-        if limits.max_body != 0 && n > limits.max_body {
-            return Err(RequestError::BodyTooLarge);
-        }
+
+    Ok(ParsedRequest {
+        method,
+        target,
+        path,
+        minor,
+        headers,
+        host,
+        framing,
+        keep_alive,
+        seen,
+    })
+}
+
+/// Refuses a declared body over `max_body` (0: no limit) before anything is sent. A chunked
+/// body is counted as it streams.
+pub(crate) fn check_body_limit(req: &ParsedRequest<'_>, max_body: u64) -> Result<(), RequestError> {
+    match req.framing {
+        Framing::Length(n) if max_body != 0 && n > max_body => Err(RequestError::BodyTooLarge),
+        _ => Ok(()),
     }
+}
 
-    // The upgrade (DESIGN "The upgrade").
-    let upgrade =
-        if method == "GET" && minor == 1 && framing == Framing::None && conn_has(b"upgrade") {
-            seen.upgrade.iter().find_map(|offered| {
-                let name = offered.split(|b| *b == b'/').next().unwrap_or(offered);
-                let allowed = ctx.config.upgrade_protocols.iter().any(|p| {
-                    p.as_bytes().eq_ignore_ascii_case(name) && !p.eq_ignore_ascii_case("h2c")
-                });
-                if !allowed || !offered.iter().all(|b| is_token_byte(*b) || *b == b'/') {
-                    return None;
-                }
-                let is_websocket = offered.eq_ignore_ascii_case(b"websocket");
-                let expected_accept = match seen.ws_keys.as_slice() {
-                    [key] if is_websocket => Some(websocket_accept(key)),
-                    _ => None,
-                };
-                Some(UpgradeRequest {
-                    token: String::from_utf8_lossy(offered).into_owned(),
-                    expected_accept,
-                    is_websocket,
-                })
-            })
-        } else {
-            None
-        };
-
-    let peer = pick().ok_or(RequestError::Malformed("no upstream configured"))?;
-
-    // Re-serialise.
+/// The request as the session keeps it, with the head for `peer`: re-serialised canonically,
+/// hop-by-hop fields and those `Connection` names removed, then the proxy's own fields.
+pub(crate) fn serialise(
+    req: &ParsedRequest<'_>,
+    ctx: &RequestContext<'_>,
+    upgrade: Option<UpgradeRequest>,
+    peer: &Peer,
+) -> Request {
+    let ParsedRequest {
+        method,
+        target,
+        path,
+        minor,
+        host,
+        framing,
+        keep_alive,
+        ..
+    } = *req;
+    let seen = &req.seen;
     let config = ctx.config;
     let client_ip = ctx.client.addr.ip().to_canonical();
     let host_out: &[u8] = match (&config.host, host) {
@@ -277,9 +312,7 @@ pub(crate) fn parse_request<'p>(
         _ => peer.authority().as_bytes(),
     };
     let var = |v: Variable, out: &mut BytesMut| match v {
-        Variable::RemoteAddr => {
-            put_ip(out, client_ip);
-        }
+        Variable::RemoteAddr => put_ip(out, client_ip),
         Variable::Host => out.put_slice(host.unwrap_or(host_out)),
         Variable::Scheme => out.put_slice(ctx.client.scheme.as_str().as_bytes()),
         Variable::RequestUri => out.put_slice(target.as_bytes()),
@@ -293,14 +326,19 @@ pub(crate) fn parse_request<'p>(
     };
     let trusted = config.trusted_proxies.iter().any(|n| n.contains(client_ip));
 
-    let mut out = BytesMut::with_capacity(head.len() + 128);
+    let head_len: usize = req
+        .headers
+        .iter()
+        .map(|h| h.name.len() + h.value.len() + 4)
+        .sum();
+    let mut out = BytesMut::with_capacity(method.len() + path.len() + head_len + 160);
     out.put_slice(method.as_bytes());
     out.put_u8(b' ');
     out.put_slice(path);
     out.put_slice(b" HTTP/1.1\r\nHost: ");
     out.put_slice(host_out);
     out.put_slice(b"\r\n");
-    for h in req.headers.iter() {
+    for h in req.headers {
         let name = h.name.as_bytes();
         let named_by_connection = seen.connection.iter().any(|t| t.eq_ignore_ascii_case(name));
         if name.eq_ignore_ascii_case(b"host")
@@ -350,9 +388,7 @@ pub(crate) fn parse_request<'p>(
         }
     }
     if let Some(up) = &upgrade {
-        out.put_slice(b"Upgrade: ");
-        out.put_slice(up.token.as_bytes());
-        out.put_slice(b"\r\nConnection: upgrade\r\n");
+        crate::upgrade::put_upgrade_fields(&mut out, up);
     }
     match framing {
         Framing::Length(n) => {
@@ -364,7 +400,7 @@ pub(crate) fn parse_request<'p>(
     }
     out.put_slice(b"\r\n");
 
-    let request = Request {
+    Request {
         request_line: request_line(method, target, minor),
         minor,
         is_head: method == "HEAD",
@@ -379,8 +415,7 @@ pub(crate) fn parse_request<'p>(
         referer: seen.referer.map(loggable),
         user_agent: seen.user_agent.map(loggable),
         upstream_head: out.freeze(),
-    };
-    Ok((request, peer))
+    }
 }
 
 /// Whether the request line is well-shaped but names an HTTP version other than 1.x, so that 505
@@ -520,6 +555,9 @@ pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
 mod tests {
     use super::*;
 
+    use crate::config::{HostPolicy, IpNet, Template, UpstreamGroup};
+    use crate::fields::{header_slots, STACK_HEADERS};
+
     #[test]
     fn put_ip_writes_what_display_writes() {
         for ip in [
@@ -536,19 +574,25 @@ mod tests {
             assert_eq!(&out[..], ip.to_string().as_bytes());
         }
     }
-    use crate::config::{HostPolicy, IpNet, Template, UpstreamGroup};
 
     fn config() -> Config {
         Config::new(UpstreamGroup::new(vec![Peer::new("10.9.9.9", 8080)]))
     }
 
+    /// The session's path through this module: parse, check, detect the offer, serialise.
     fn run(config: &Config, head: &str) -> Result<Request, RequestError> {
         let client = PeerInfo::new("192.0.2.7:5555".parse().expect("addr"));
+        let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots = header_slots(&mut stack, &mut heap, config.limits.max_headers);
+        let parsed = parse_request(head.as_bytes(), slots, &config.limits)?;
+        check_body_limit(&parsed, config.limits.max_body)?;
+        let offer = crate::upgrade::offer(&parsed, &config.upgrade_protocols);
         let ctx = RequestContext {
             config,
             client: &client,
         };
-        parse_request(head.as_bytes(), &ctx, || config.upstream.peers.first()).map(|(r, _)| r)
+        Ok(serialise(&parsed, &ctx, offer, &config.upstream.peers[0]))
     }
 
     fn upstream(config: &Config, head: &str) -> String {

@@ -17,7 +17,8 @@ use crate::fields::{
     header_slots, is_hop_or_framing, list_contains, list_items, parse_content_length, trim_ows,
     Items, STACK_HEADERS,
 };
-use crate::request::{check_line_endings, UpgradeRequest};
+use crate::request::check_line_endings;
+use crate::upgrade::{check_switch, put_upgrade_fields, UpgradeRequest};
 
 /// What the session knows about the request being answered.
 pub(crate) struct ResponseContext<'a> {
@@ -130,16 +131,13 @@ pub(crate) fn parse_response(
 
     let kind = match status {
         101 => {
-            let up = ctx.upgrade.ok_or(ResponseError::UnsolicitedSwitch)?;
-            if minor != 1 || !upgrade_ok {
-                return Err(ResponseError::UpgradeMismatch);
-            }
-            if up.is_websocket && ctx.check_accept {
-                match (up.expected_accept.as_ref(), accepts.as_slice()) {
-                    (Some(expected), [got]) if *got == &expected[..] => {}
-                    _ => return Err(ResponseError::BadAccept),
-                }
-            }
+            check_switch(
+                ctx.upgrade,
+                minor,
+                upgrade_ok,
+                accepts.as_slice(),
+                ctx.check_accept,
+            )?;
             ResponseKind::Switch
         }
         100..=199 => ResponseKind::Interim,
@@ -216,9 +214,7 @@ pub(crate) fn parse_response(
     match kind {
         ResponseKind::Switch => {
             if let Some(up) = ctx.upgrade {
-                out.put_slice(b"Upgrade: ");
-                out.put_slice(up.token.as_bytes());
-                out.put_slice(b"\r\nConnection: upgrade\r\n");
+                put_upgrade_fields(&mut out, up);
             }
         }
         ResponseKind::Interim => {}

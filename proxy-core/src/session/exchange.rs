@@ -5,6 +5,7 @@
 //! request's follow-up bytes reaching the upstream before a genuine `101`, or a connection being
 //! reused when either message was incomplete.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,13 +16,15 @@ use crate::body::{BodyDecoder, Framing};
 use crate::config::Peer;
 use crate::error::{RequestError, ResponseError};
 use crate::event::{CloseReason, ExchangeLog};
+use crate::fields::{header_slots, STACK_HEADERS};
 use crate::head::HeadLimit;
 use crate::io::{ConnectError, Output, Side, UpstreamId};
-use crate::request::{parse_request, Request, RequestContext, UpgradeRequest};
+use crate::request::{check_body_limit, parse_request, serialise, Request, RequestContext};
 use crate::response::{
     error_response, parse_response, ClientFraming, ResponseContext, ResponseKind,
 };
 use crate::timer::Timer;
+use crate::upgrade::{self, UpgradeRequest};
 
 /// Room on the request line beyond the request-target: method, spaces and version.
 const REQUEST_LINE_SLACK: usize = 32;
@@ -299,18 +302,31 @@ impl Session {
         self.requests += 1;
         self.timers.stop(Timer::RequestHead);
         let config = Arc::clone(&self.config);
-        let balancer = Arc::clone(&self.balancer);
-        let ctx = RequestContext {
-            config: &config,
-            client: &self.client,
-        };
-        match parse_request(&head, &ctx, || balancer.pick(&config, &self.client)) {
+        let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots = header_slots(&mut stack, &mut heap, config.limits.max_headers);
+        // parse → route → serialise: nothing is chosen for a head that fails validation, and
+        // nothing is sent before the whole head has been rewritten.
+        let prepared = parse_request(&head, slots, &config.limits).and_then(|parsed| {
+            check_body_limit(&parsed, config.limits.max_body)?;
+            let offer = upgrade::offer(&parsed, &config.upgrade_protocols);
+            let peer = self
+                .balancer
+                .pick(&config, &self.client)
+                .ok_or(RequestError::Malformed("no upstream configured"))?;
+            let ctx = RequestContext {
+                config: &config,
+                client: &self.client,
+            };
+            Ok((serialise(&parsed, &ctx, offer, peer), peer.clone()))
+        });
+        match prepared {
             Err(e) => self.refuse(first_line(&head), head.len() as u64, e),
             Ok((req, peer)) => {
                 let sent = self.sent_total[Side::Client.index()];
                 self.exchange = Some(Exchange::new(req, self.now, sent, head.len(), &self.client));
                 self.state = State::Exchange;
-                self.connect(peer.clone(), true);
+                self.connect(peer, true);
             }
         }
     }
