@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use proxy_core::{
-    Balancer, Config, Input, Output, Peer, PeerInfo, Session, Side, UpstreamGroup, UpstreamId,
+    Balancer, Config, Event, Input, Output, Peer, PeerInfo, Session, Side, UpstreamGroup,
+    UpstreamId,
 };
 
 /// Request and response heads used by the benchmarks.
@@ -96,13 +97,14 @@ impl Harness {
     pub fn new(config: Config) -> Self {
         config.validate().expect("benchmark config is valid");
         let config = Arc::new(config);
-        let balancer = Arc::new(Balancer::new(&config));
+        let now = Instant::now();
+        let balancer = Arc::new(Balancer::new(&config, now));
         let client = PeerInfo::new("192.0.2.1:40000".parse().expect("a socket address literal"));
         Harness {
             config,
             balancer,
             client,
-            now: Instant::now(),
+            now,
         }
     }
 
@@ -141,8 +143,10 @@ pub struct Drained {
     pub releases: usize,
     /// Whether the last `ReleaseUpstream` allowed pooling.
     pub reusable: bool,
-    /// `Event` outputs.
+    /// `Event::Exchange` outputs.
     pub events: usize,
+    /// Other events (upstream chosen, tunnel opened, ...).
+    pub notes: usize,
     /// `ShutdownWrite` or `Close` outputs (never expected on the benchmarked paths).
     pub closes: usize,
 }
@@ -169,7 +173,8 @@ pub fn drain(session: &mut Session) -> Drained {
                 d.releases += 1;
                 d.reusable = reusable;
             }
-            Output::Event(_) => d.events += 1,
+            Output::Event(Event::Exchange(_)) => d.events += 1,
+            Output::Event(_) => d.notes += 1,
             Output::ShutdownWrite { .. } | Output::Close { .. } => d.closes += 1,
             other => panic!("an output the benchmarks do not know: {other:?}"),
         }

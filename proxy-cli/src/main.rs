@@ -204,8 +204,7 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
     let peers: Vec<String> = settings
         .config
         .upstream
-        .peers
-        .iter()
+        .peers()
         .map(ToString::to_string)
         .collect();
     let workers = settings.workers.max(1);

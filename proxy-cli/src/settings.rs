@@ -225,7 +225,7 @@ impl Settings {
         let _ = writeln!(
             s,
             "peers = {}",
-            list(c.upstream.peers.iter().map(ToString::to_string).collect())
+            list(c.upstream.peers().map(ToString::to_string).collect())
         );
         let _ = writeln!(
             s,
@@ -560,7 +560,7 @@ mod tests {
             s.listen,
             ["127.0.0.1:9999".parse::<SocketAddr>().expect("addr")]
         );
-        assert_eq!(s.config.upstream.peers.len(), 2);
+        assert_eq!(s.config.upstream.servers.len(), 2);
         assert_eq!(
             s.config.timeouts.read,
             Duration::from_secs(5),
@@ -580,7 +580,7 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let text = include_str!("../switchyard.example.toml");
         let s = load_str(text, &Overrides::default()).expect("switchyard.example.toml is valid");
-        assert_eq!(s.config.upstream.peers.len(), 2);
+        assert_eq!(s.config.upstream.servers.len(), 2);
         assert_eq!(s.config.timeouts.tunnel_idle, Duration::from_secs(3600));
         assert_eq!(s.config.timeouts.tunnel_lifetime, None);
         assert_eq!(s.config.trusted_proxies.len(), 2);

@@ -442,7 +442,7 @@ pub fn run(
     listener.set_nonblocking(true)?;
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(256);
-    let balancer = Arc::new(Balancer::new(&config));
+    let balancer = Arc::new(Balancer::new(&config, std::time::Instant::now()));
     let mut server = Server {
         listener: TcpListener::from_std(listener),
         config: Arc::new(config),

@@ -39,8 +39,7 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// The peers requests are sent to. Later releases route among several groups; today there
-    /// is one.
+    /// The servers requests are sent to, and how they are chosen.
     pub upstream: UpstreamGroup,
     /// Timeouts (see the module table).
     pub timeouts: Timeouts,
@@ -76,9 +75,7 @@ impl Config {
 
     /// Checks the invariants the session relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.upstream.peers.is_empty() {
-            return Err(ConfigError::new("upstream", "at least one peer"));
-        }
+        self.upstream.validate("upstream")?;
         let l = &self.limits;
         if l.max_head < 64 {
             return Err(ConfigError::new("limits.max_head", "at least 64 bytes"));
@@ -145,18 +142,240 @@ impl Config {
     }
 }
 
-/// A set of interchangeable upstream peers, balanced round-robin.
+/// A set of interchangeable upstream servers (nginx `upstream`), the method that chooses among
+/// them, and how hard to try before giving up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UpstreamGroup {
-    /// The peers, in configuration order.
-    pub peers: Vec<Peer>,
+    /// The servers, in configuration order.
+    pub servers: Vec<UpstreamServer>,
+    /// How a server is chosen.
+    pub method: BalanceMethod,
+    /// Connection attempts per request, on different servers, before the client gets a 502
+    /// (or 504); 0 means every server once. nginx: `proxy_next_upstream_tries`.
+    pub tries: u32,
+    /// How long all attempts of one request may take together; zero for no limit. nginx:
+    /// `proxy_next_upstream_timeout`.
+    pub try_timeout: Duration,
 }
 
 impl UpstreamGroup {
-    /// A group of these peers.
+    /// A round-robin group of these peers, each with default server settings.
     pub fn new(peers: Vec<Peer>) -> Self {
-        UpstreamGroup { peers }
+        Self::with_servers(peers.into_iter().map(UpstreamServer::new).collect())
+    }
+
+    /// A round-robin group of these servers.
+    pub fn with_servers(servers: Vec<UpstreamServer>) -> Self {
+        UpstreamGroup {
+            servers,
+            method: BalanceMethod::RoundRobin,
+            tries: 0,
+            try_timeout: Duration::ZERO,
+        }
+    }
+
+    /// The same group, balanced by `method`.
+    pub fn method(mut self, method: BalanceMethod) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// The peers of every server, in order.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.servers.iter().map(|s| &s.peer)
+    }
+
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if self.servers.is_empty() {
+            return Err(ConfigError::new(field, "at least one server"));
+        }
+        if self.servers.iter().all(|s| s.backup) {
+            return Err(ConfigError::new(
+                format!("{field}.servers"),
+                "at least one server that is not a backup",
+            ));
+        }
+        if self.servers.len() > MAX_SERVERS {
+            return Err(ConfigError::new(
+                format!("{field}.servers"),
+                format!("at most {MAX_SERVERS} servers"),
+            ));
+        }
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.weight == 0 || s.weight > MAX_WEIGHT {
+                return Err(ConfigError::new(
+                    format!("{field}.servers[{i}].weight"),
+                    format!("between 1 and {MAX_WEIGHT}"),
+                ));
+            }
+            if s.backup
+                && !matches!(
+                    self.method,
+                    BalanceMethod::RoundRobin | BalanceMethod::LeastConn
+                )
+            {
+                return Err(ConfigError::new(
+                    format!("{field}.servers[{i}].backup"),
+                    "no backup servers with the hash methods (as in nginx)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most servers one group may have (server indices are 16-bit in the balancer's tables).
+pub const MAX_SERVERS: usize = 4096;
+
+/// Largest `weight` a server may have (keeps the smooth round-robin schedule small).
+pub const MAX_WEIGHT: u32 = 100;
+
+/// One server of an [`UpstreamGroup`], with nginx's `server` parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpstreamServer {
+    /// Where it is.
+    pub peer: Peer,
+    /// Relative share of requests (round-robin, hash ring points) or of connections
+    /// (least-connections). Default 1.
+    pub weight: u32,
+    /// Most connections (requests in flight and open tunnels) at once; 0 for no limit.
+    pub max_conns: u32,
+    /// Failed attempts within `fail_timeout` after which the server is considered unavailable
+    /// for `fail_timeout`; 0 never marks it. Default 1. Ignored for a group of one server.
+    pub max_fails: u32,
+    /// The window for counting failures, and how long an unavailable server is skipped.
+    /// Default 10 s.
+    pub fail_timeout: Duration,
+    /// Used only when every other server is unavailable.
+    pub backup: bool,
+}
+
+impl UpstreamServer {
+    /// `peer` with nginx's defaults: weight 1, no connection limit, max_fails 1,
+    /// fail_timeout 10 s, not a backup.
+    pub fn new(peer: Peer) -> Self {
+        UpstreamServer {
+            peer,
+            weight: 1,
+            max_conns: 0,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            backup: false,
+        }
+    }
+
+    /// The same server with `weight`.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// The same server as a backup.
+    pub fn backup(mut self) -> Self {
+        self.backup = true;
+        self
+    }
+}
+
+/// How a group chooses a server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BalanceMethod {
+    /// Smooth weighted round-robin (nginx's default).
+    #[default]
+    RoundRobin,
+    /// The server with the fewest open connections relative to its weight; open WebSocket
+    /// tunnels count, which is what matters for long-lived connections. nginx: `least_conn`.
+    LeastConn,
+    /// The client's address picks the server. nginx: `ip_hash`.
+    IpHash,
+    /// A key built from request variables, on a consistent-hash ring (ketama-style): a server
+    /// joining or leaving moves about 1/N of the keys. nginx: `hash $key consistent`.
+    Hash(HashKey),
+}
+
+/// The key of [`BalanceMethod::Hash`]: literal text and variables, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashKey {
+    parts: Vec<KeyPart>,
+}
+
+/// One piece of a [`HashKey`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyPart {
+    /// Text as written.
+    Literal(String),
+    /// `$remote_addr`.
+    RemoteAddr,
+    /// `$uri`: the request path without its query.
+    Uri,
+    /// `$arg_NAME`: a query parameter's value.
+    Arg(String),
+    /// `$cookie_NAME`: a cookie's value.
+    Cookie(String),
+    /// `$http_NAME`: a request header's value (`_` in NAME stands for `-`).
+    Header(String),
+}
+
+impl HashKey {
+    /// Parses a key such as `$arg_room` or `$http_x_tenant:$uri`. `$$` is a literal dollar.
+    pub fn parse(key: &str) -> Result<Self, ConfigError> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = key;
+        while let Some(pos) = rest.find('$') {
+            lit.push_str(&rest[..pos]);
+            rest = &rest[pos + 1..];
+            if let Some(r) = rest.strip_prefix('$') {
+                lit.push('$');
+                rest = r;
+                continue;
+            }
+            let len = rest
+                .bytes()
+                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                .count();
+            let name = &rest[..len];
+            let part = if name == "remote_addr" {
+                KeyPart::RemoteAddr
+            } else if name == "uri" {
+                KeyPart::Uri
+            } else if let Some(n) = name.strip_prefix("arg_").filter(|n| !n.is_empty()) {
+                KeyPart::Arg(n.to_owned())
+            } else if let Some(n) = name.strip_prefix("cookie_").filter(|n| !n.is_empty()) {
+                KeyPart::Cookie(n.to_owned())
+            } else if let Some(n) = name.strip_prefix("http_").filter(|n| !n.is_empty()) {
+                KeyPart::Header(n.replace('_', "-"))
+            } else {
+                return Err(ConfigError::new(
+                    "hash",
+                    format!(
+                        "a key of text and $remote_addr, $uri, $arg_NAME, $cookie_NAME, $http_NAME; got ${name}"
+                    ),
+                ));
+            };
+            if !lit.is_empty() {
+                parts.push(KeyPart::Literal(std::mem::take(&mut lit)));
+            }
+            parts.push(part);
+            rest = &rest[len..];
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            parts.push(KeyPart::Literal(lit));
+        }
+        if parts.is_empty() {
+            return Err(ConfigError::new("hash", "a non-empty key"));
+        }
+        Ok(HashKey { parts })
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> &[KeyPart] {
+        &self.parts
     }
 }
 

@@ -10,12 +10,38 @@ use crate::error::{RequestError, ResponseError};
 use crate::io::ConnectError;
 use crate::timer::Timer;
 
-/// A report from a session.
+/// A report from a session: one per finished exchange or tunnel, and the moments balancing and
+/// metrics care about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
     /// An exchange or a tunnel finished.
     Exchange(Box<ExchangeLog>),
+    /// A request was assigned to this upstream server (each attempt, retries included).
+    UpstreamChosen {
+        /// The server.
+        peer: Peer,
+    },
+    /// A connection to this upstream server failed; the request moves on to another server if
+    /// the group allows, else the client gets a 502 or 504.
+    UpstreamFailed {
+        /// The server.
+        peer: Peer,
+        /// Why.
+        cause: ConnectError,
+    },
+    /// A genuine `101` turned the connection into a tunnel to this server.
+    TunnelOpened {
+        /// The server.
+        peer: Peer,
+    },
+    /// A tunnel to this server ended (the balancer no longer counts it).
+    TunnelClosed {
+        /// The server.
+        peer: Peer,
+        /// How long it was open.
+        duration: Duration,
+    },
 }
 
 /// Everything an access log line needs about one exchange or tunnel.
@@ -50,6 +76,9 @@ pub struct ExchangeLog {
     pub upstream_header_time: Option<Duration>,
     /// From the connect attempt to the end of the response (or the tunnel).
     pub upstream_response_time: Option<Duration>,
+    /// Upstream servers tried before the one that answered (or all of them, for a 502/504),
+    /// each with why its connection failed, in order.
+    pub upstream_failures: Vec<(Peer, ConnectError)>,
     /// Whether the exchange became a tunnel.
     pub upgraded: bool,
     /// How long the tunnel lasted.
@@ -94,6 +123,9 @@ pub enum CloseReason {
     /// allowed; the session refuses to hold them.
     #[error("input overflow")]
     Overflow,
+    /// Every upstream server was busy (at `max_conns`): the request was not sent.
+    #[error("no upstream server available")]
+    NoUpstream,
     /// A graceful drain's deadline ended the tunnel.
     #[error("drained")]
     Drain,

@@ -104,6 +104,9 @@ pub enum ConnectError {
     /// The network or host is unreachable.
     #[error("peer unreachable")]
     Unreachable,
+    /// The connect timeout passed first (reported by the session itself, not by adapters).
+    #[error("connect timed out")]
+    TimedOut,
     /// Any other failure while connecting.
     #[error("connect failed")]
     Other,

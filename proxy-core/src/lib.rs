@@ -32,8 +32,8 @@
 //!
 //! let config = Arc::new(Config::new(UpstreamGroup::new(vec![Peer::new("127.0.0.1", 9000)])));
 //! config.validate().expect("a valid config");
-//! let balancer = Arc::new(Balancer::new(&config));
 //! let now = Instant::now();
+//! let balancer = Arc::new(Balancer::new(&config, now));
 //! let mut session = Session::new(config, balancer, PeerInfo::new("127.0.0.1:50000".parse().unwrap()), now);
 //!
 //! // The client's socket became readable: hand the bytes over, zero-copy.
@@ -48,6 +48,7 @@
 //!             assert_eq!(peer.to_string(), "127.0.0.1:9000");
 //!             connect_id = Some(id); // a real adapter starts a connect here
 //!         }
+//!         Output::Event(_) => {} // the chosen upstream, for logs and metrics
 //!         other => panic!("unexpected {other:?}"),
 //!     }
 //! }
@@ -117,10 +118,10 @@ mod session;
 mod timer;
 mod upgrade;
 
-pub use balance::Balancer;
+pub use balance::{key_hash, Balancer, Choice};
 pub use config::{
-    Config, HeaderRule, HostPolicy, IpNet, Limits, Peer, Template, Timeouts, UpstreamGroup,
-    Variable,
+    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer, Template,
+    Timeouts, UpstreamGroup, UpstreamServer, Variable,
 };
 pub use error::{ConfigError, RequestError, ResponseError};
 pub use event::{CloseReason, Event, ExchangeLog};

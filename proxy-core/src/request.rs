@@ -8,11 +8,13 @@
 
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::balance::Fnv;
 use crate::body::Framing;
-use crate::config::{Config, HeaderRule, Limits, Peer, TemplatePart, Variable};
+use crate::config::{Config, HashKey, HeaderRule, KeyPart, Limits, Peer, TemplatePart, Variable};
 use crate::error::RequestError;
 use crate::fields::{
     is_hop_or_framing, is_token_byte, is_valid_host, list_items, parse_content_length, trim_ows,
@@ -101,6 +103,35 @@ impl<'h> ParsedRequest<'h> {
     /// The `Upgrade` tokens offered, in order.
     pub(crate) fn upgrade_offers(&self) -> &[&'h [u8]] {
         self.seen.upgrade.as_slice()
+    }
+
+    /// The first field named `name` (case-insensitive), trimmed.
+    pub(crate) fn header(&self, name: &str) -> Option<&'h [u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| trim_ows(h.value))
+    }
+
+    /// A query parameter's raw value (nginx's `$arg_NAME`).
+    pub(crate) fn arg(&self, name: &str) -> Option<&'h [u8]> {
+        let (_, query) = split_query(self.path);
+        query?
+            .split(|b| *b == b'&')
+            .find_map(|pair| pair.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+    }
+
+    /// A cookie's value (nginx's `$cookie_NAME`), from any `Cookie` field.
+    pub(crate) fn cookie(&self, name: &str) -> Option<&'h [u8]> {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .flat_map(|h| h.value.split(|b| *b == b';'))
+            .find_map(|c| {
+                trim_ows(c)
+                    .strip_prefix(name.as_bytes())?
+                    .strip_prefix(b"=")
+            })
     }
 
     /// Every `Sec-WebSocket-Key` value sent.
@@ -274,6 +305,35 @@ pub(crate) fn parse_request<'h>(
         keep_alive,
         seen,
     })
+}
+
+/// The path and the query of an origin-form target.
+fn split_query(path: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match path.iter().position(|b| *b == b'?') {
+        Some(q) => (&path[..q], Some(&path[q + 1..])),
+        None => (path, None),
+    }
+}
+
+/// The consistent-hash key of `req`: the parts of `key` expanded in order (an absent variable
+/// is empty) and hashed as [`key_hash`](crate::balance::key_hash) hashes the whole text.
+pub(crate) fn hash_key(key: &HashKey, req: &ParsedRequest<'_>, client: IpAddr) -> u64 {
+    let mut h = Fnv::new();
+    for part in key.parts() {
+        match part {
+            KeyPart::Literal(l) => h.write(l.as_bytes()),
+            KeyPart::RemoteAddr => {
+                let mut text = BytesMut::new();
+                put_ip(&mut text, client.to_canonical());
+                h.write(&text);
+            }
+            KeyPart::Uri => h.write(split_query(req.path).0),
+            KeyPart::Arg(name) => h.write(req.arg(name).unwrap_or_default()),
+            KeyPart::Cookie(name) => h.write(req.cookie(name).unwrap_or_default()),
+            KeyPart::Header(name) => h.write(req.header(name).unwrap_or_default()),
+        }
+    }
+    h.finish()
 }
 
 /// Refuses a declared body over `max_body` (0: no limit) before anything is sent. A chunked
@@ -592,7 +652,12 @@ mod tests {
             config,
             client: &client,
         };
-        Ok(serialise(&parsed, &ctx, offer, &config.upstream.peers[0]))
+        Ok(serialise(
+            &parsed,
+            &ctx,
+            offer,
+            &config.upstream.servers[0].peer,
+        ))
     }
 
     fn upstream(config: &Config, head: &str) -> String {

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 runtime_tests! {
     keep_alive_reuses_one_upstream_connection,
     upstream_named_by_host_name,
+    requests_fail_over_from_a_dead_upstream,
     post_one_mib_with_content_length,
     chunked_request_and_response,
     head_204_304_have_no_body,
@@ -329,6 +330,35 @@ async fn upstream_named_by_host_name(rt: Runtime) {
         Some(format!("localhost:{}", origin.addr.port()))
     );
     drop(client);
+    proxy.stop();
+}
+
+/// Two upstreams, the first refusing connections (a new user's setup, one backend down): every
+/// request still gets its answer, on new connections and on a kept-alive one.
+async fn requests_fail_over_from_a_dead_upstream(rt: Runtime) {
+    let dead = switchyard_tests::refusing_port();
+    let origin = http_origin(responder(|req| Some(ok(&path_of(req))))).await;
+    let proxy = start_proxy(rt, config_for(&[dead.addr, origin.addr]));
+    for i in 0..4 {
+        let mut client = Client::connect(proxy.addr).await;
+        for j in 0..2 {
+            let path = format!("/r{i}-{j}");
+            client
+                .send(format!("GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n").as_bytes())
+                .await;
+            let resp = client.response(false).await;
+            assert_eq!(
+                show(&resp.raw),
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                    path.len()
+                )
+            );
+        }
+    }
+    let events = proxy.events.wait_for(8);
+    assert!(events.iter().all(|e| e.status == Some(200)), "{events:?}");
+    assert_eq!(origin.seen().len(), 8);
     proxy.stop();
 }
 

@@ -34,6 +34,7 @@ runtime_tests! {
     tunnel_not_subject_to_http_read_timeout,
     half_close_in_tunnel,
     event_log_for_echo_session,
+    upgrades_fail_over_from_a_dead_upstream,
 }
 
 // ---- helpers ----
@@ -582,6 +583,28 @@ async fn echo_message_sizes(rt: Runtime) {
     }
     close_client(&mut ws).await;
     drop(ws);
+    stop(proxy).await;
+}
+
+/// Two upstreams, the first refusing connections: every upgrade still succeeds (the proxy moves
+/// on to the live one, then skips the dead one), and the log says what was tried.
+async fn upgrades_fail_over_from_a_dead_upstream(rt: Runtime) {
+    let dead = switchyard_tests::refusing_port();
+    let live = echo_upstream().await;
+    let proxy = start_proxy(rt, config_for(&[dead.addr, live]));
+    for i in 0..6u32 {
+        let mut ws = ws_client(&proxy, "/chat").await;
+        let msg = Message::Text(text_payload(32, i));
+        send(&mut ws, msg.clone()).await;
+        assert_same_message(&recv(&mut ws).await, &msg);
+        close_client(&mut ws).await;
+    }
+    let events = proxy.events.wait_for(6);
+    assert!(events.iter().all(|e| e.status == Some(101)), "{events:?}");
+    let failures: Vec<_> = events.iter().flat_map(|e| &e.upstream_failures).collect();
+    assert_eq!(failures.len(), 1, "tried once, then skipped: {failures:?}");
+    assert_eq!(failures[0].0.port(), dead.addr.port());
+    assert_eq!(failures[0].1, proxy_core::ConnectError::Refused);
     stop(proxy).await;
 }
 

@@ -293,8 +293,8 @@ mod tests {
             "127.0.0.1",
             9,
         )])));
-        let balancer = Arc::new(Balancer::new(&config));
         let now = Instant::now();
+        let balancer = Arc::new(Balancer::new(&config, now));
         let session = Session::new(
             config,
             balancer,

@@ -103,7 +103,7 @@ pub async fn serve<R: Runtime>(
     let stats = Arc::clone(&options.stats);
     let drain_timeout = options.drain_timeout;
     let shared = Arc::new(Shared {
-        balancer: Arc::new(Balancer::new(&config)),
+        balancer: Arc::new(Balancer::new(&config, Instant::now())),
         pool: SharedPool::new(
             options.pool_idle_timeout,
             options.pool_max_per_peer,

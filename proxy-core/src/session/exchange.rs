@@ -12,14 +12,17 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{empty_log, new_log, Session, State, Upstream};
+use crate::balance::Choice;
 use crate::body::{BodyDecoder, Framing};
-use crate::config::Peer;
+use crate::config::BalanceMethod;
 use crate::error::{RequestError, ResponseError};
-use crate::event::{CloseReason, ExchangeLog};
+use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::fields::{header_slots, STACK_HEADERS};
 use crate::head::HeadLimit;
 use crate::io::{ConnectError, Output, Side, UpstreamId};
-use crate::request::{check_body_limit, parse_request, serialise, Request, RequestContext};
+use crate::request::{
+    check_body_limit, hash_key, parse_request, serialise, Request, RequestContext,
+};
 use crate::response::{
     error_response, parse_response, ClientFraming, ResponseContext, ResponseKind,
 };
@@ -60,6 +63,12 @@ pub(super) struct Exchange {
     upstream_reusable: bool,
     retried: bool,
     pub(super) logged: bool,
+    /// Servers whose connect failed for this request, in order.
+    tried: Vec<u16>,
+    /// The request's consistent-hash key, for picking again.
+    key: Option<u64>,
+    /// When the first connect attempt started (the failover time budget runs from here).
+    first_connect: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -111,6 +120,9 @@ impl Exchange {
             upstream_reusable: false,
             retried: false,
             logged: false,
+            tried: Vec::new(),
+            key: None,
+            first_connect: None,
         }
     }
 
@@ -310,41 +322,72 @@ impl Session {
         let prepared = parse_request(&head, slots, &config.limits).and_then(|parsed| {
             check_body_limit(&parsed, config.limits.max_body)?;
             let offer = upgrade::offer(&parsed, &config.upgrade_protocols);
-            let peer = self
-                .balancer
-                .pick(&config, &self.client)
-                .ok_or(RequestError::Malformed("no upstream configured"))?;
+            let key = match &config.upstream.method {
+                BalanceMethod::Hash(key) => Some(hash_key(key, &parsed, self.client.addr.ip())),
+                _ => None,
+            };
+            let Some(server) = self.balancer.pick(&config.upstream, &self.choice(key, &[])) else {
+                return Ok(None);
+            };
+            let peer = &config.upstream.servers[usize::from(server)].peer;
             let ctx = RequestContext {
                 config: &config,
                 client: &self.client,
             };
-            Ok((serialise(&parsed, &ctx, offer, peer), peer.clone()))
+            Ok(Some((serialise(&parsed, &ctx, offer, peer), server, key)))
         });
         match prepared {
             Err(e) => self.refuse(first_line(&head), head.len() as u64, e),
-            Ok((req, peer)) => {
+            Ok(None) => {
+                // Every server is at max_conns (the only way a valid group has none to give).
                 let sent = self.sent_total[Side::Client.index()];
-                self.exchange = Some(Exchange::new(req, self.now, sent, head.len(), &self.client));
+                let (line, len) = (first_line(&head), head.len() as u64);
+                self.exchange = Some(Exchange::refused(line, len, self.now, sent, &self.client));
                 self.state = State::Exchange;
-                self.connect(peer, true);
+                self.fail(502, CloseReason::NoUpstream);
+            }
+            Ok(Some((req, server, key))) => {
+                let sent = self.sent_total[Side::Client.index()];
+                let mut ex = Exchange::new(req, self.now, sent, head.len(), &self.client);
+                ex.key = key;
+                self.exchange = Some(ex);
+                self.state = State::Exchange;
+                self.connect(server, true);
             }
         }
     }
 
-    fn connect(&mut self, peer: Peer, allow_pooled: bool) {
+    fn choice<'a>(&self, key: Option<u64>, tried: &'a [u16]) -> Choice<'a> {
+        Choice {
+            client: self.client.addr.ip(),
+            key,
+            tried,
+            now: self.now,
+        }
+    }
+
+    /// Starts a connection to `server` of the group, whose balancer slot the caller holds.
+    fn connect(&mut self, server: u16, allow_pooled: bool) {
+        let peer = self.config.upstream.servers[usize::from(server)]
+            .peer
+            .clone();
         self.next_upstream += 1;
         let id = UpstreamId(self.next_upstream);
         if let Some(ex) = self.exchange.as_mut() {
             ex.connect_started = Some(self.now);
+            ex.first_connect.get_or_insert(self.now);
             ex.log.upstream = Some(peer.clone());
         }
         self.upstream = Some(Upstream {
             id,
+            server,
             peer: peer.clone(),
             connected: false,
             reused: false,
             eof: false,
         });
+        self.outputs
+            .push_back(Output::Event(Event::UpstreamChosen { peer: peer.clone() }));
         self.outputs.push_back(Output::Connect {
             id,
             peer,
@@ -367,6 +410,7 @@ impl Session {
         };
         up.connected = true;
         up.reused = reused;
+        self.balancer.succeeded(up.server);
         self.timers.stop(Timer::Connect);
         let Some(ex) = self.exchange.as_mut() else {
             return;
@@ -399,7 +443,66 @@ impl Session {
             .as_ref()
             .is_some_and(|u| u.id == id && !u.connected);
         if current && matches!(self.state, State::Exchange) {
-            self.fail(502, CloseReason::ConnectFailed(why));
+            self.next_upstream_or_fail(why);
+        }
+    }
+
+    /// The connect timeout fired: like a refused connection, the next server gets a chance.
+    pub(super) fn on_connect_timeout(&mut self) {
+        if self.upstream.as_ref().is_some_and(|u| !u.connected)
+            && matches!(self.state, State::Exchange)
+        {
+            self.next_upstream_or_fail(ConnectError::TimedOut);
+        }
+    }
+
+    /// The current connect attempt failed: counts it against its server, then tries another
+    /// server of the group while tries and the time budget allow (no request byte has gone
+    /// anywhere yet, so any request may be repeated), else answers 502 (504 for a timeout).
+    fn next_upstream_or_fail(&mut self, why: ConnectError) {
+        let Some(up) = self.take_upstream() else {
+            return;
+        };
+        self.outputs.push_back(Output::Close {
+            side: Side::Upstream,
+        });
+        self.timers.stop(Timer::Connect);
+        let group = &self.config.upstream;
+        self.balancer.failed(group, up.server, self.now);
+        self.outputs.push_back(Output::Event(Event::UpstreamFailed {
+            peer: up.peer.clone(),
+            cause: why,
+        }));
+        let Some(ex) = self.exchange.as_mut() else {
+            return;
+        };
+        ex.tried.push(up.server);
+        ex.log.upstream_failures.push((up.peer, why));
+        let limit = match group.tries {
+            0 => group.servers.len(),
+            n => n as usize,
+        };
+        let in_budget = group.try_timeout.is_zero()
+            || ex
+                .first_connect
+                .is_none_or(|t| self.now.saturating_duration_since(t) < group.try_timeout);
+        let next = if ex.tried.len() < limit && in_budget {
+            let choice = Choice {
+                client: self.client.addr.ip(),
+                key: ex.key,
+                tried: &ex.tried,
+                now: self.now,
+            };
+            self.balancer.pick(group, &choice)
+        } else {
+            None
+        };
+        match next {
+            Some(server) => self.connect(server, true),
+            None if why == ConnectError::TimedOut => {
+                self.fail(504, CloseReason::Timeout(Timer::Connect))
+            }
+            None => self.fail(502, CloseReason::ConnectFailed(why)),
         }
     }
 
@@ -674,7 +777,7 @@ impl Session {
             return;
         };
         up.eof = true;
-        let (reused, peer) = (up.reused, up.peer.clone());
+        let (reused, server) = (up.reused, up.server);
         let Some(ex) = self.exchange.as_mut() else {
             return;
         };
@@ -689,6 +792,7 @@ impl Session {
                     // The pooled connection was closed by the upstream before our request
                     // reached it (nothing came back). Safe to repeat once on a fresh one.
                     ex.retried = true;
+                    // The balancer slot carries over to the new connection to the same server.
                     self.upstream = None;
                     self.outputs.push_back(Output::Close {
                         side: Side::Upstream,
@@ -696,7 +800,7 @@ impl Session {
                     self.in_flight[Side::Upstream.index()] = 0;
                     self.timers.stop(Timer::SendUpstream);
                     self.timers.stop(Timer::UpstreamRead);
-                    self.connect(peer, false);
+                    self.connect(server, false);
                 } else {
                     let reason = if reset {
                         CloseReason::UpstreamReset

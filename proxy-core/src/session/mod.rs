@@ -103,6 +103,8 @@ enum State {
 #[derive(Debug)]
 struct Upstream {
     id: UpstreamId,
+    /// Its index in the group: the balancer counts a connection on it until it is dropped.
+    server: u16,
     peer: Peer,
     connected: bool,
     reused: bool,
@@ -380,7 +382,7 @@ impl Session {
         match timer {
             Timer::RequestHead | Timer::KeepAlive => self.on_idle_timeout(timer),
             Timer::ClientBody => self.fail(408, CloseReason::Timeout(timer)),
-            Timer::Connect => self.fail(504, CloseReason::Timeout(timer)),
+            Timer::Connect => self.on_connect_timeout(),
             Timer::UpstreamRead => {
                 if self
                     .exchange
@@ -440,8 +442,28 @@ impl Session {
         self.close_all();
     }
 
+    /// Gives up the current upstream connection's slot in the balancer; the caller closes or
+    /// releases the connection itself.
+    fn take_upstream(&mut self) -> Option<Upstream> {
+        let up = self.upstream.take()?;
+        self.balancer.release(up.server);
+        if let State::Tunnel(_) = self.state {
+            let duration = self
+                .exchange
+                .as_ref()
+                .and_then(|ex| ex.tunnel_started)
+                .map(|t| self.now.saturating_duration_since(t))
+                .unwrap_or_default();
+            self.outputs.push_back(Output::Event(Event::TunnelClosed {
+                peer: up.peer.clone(),
+                duration,
+            }));
+        }
+        Some(up)
+    }
+
     fn close_all(&mut self) {
-        if self.upstream.take().is_some() {
+        if self.take_upstream().is_some() {
             self.outputs.push_back(Output::Close {
                 side: Side::Upstream,
             });
@@ -456,7 +478,7 @@ impl Session {
 
     /// Gives the upstream connection back: to the pool if `reusable`, else to be closed.
     fn release_upstream(&mut self, reusable: bool) {
-        if let Some(up) = self.upstream.take() {
+        if let Some(up) = self.take_upstream() {
             let reusable =
                 reusable && up.connected && !up.eof && self.in_flight[Side::Upstream.index()] == 0;
             if up.connected {
@@ -508,6 +530,16 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// A session dropped before it closed (an adapter forcing a shutdown) still gives its
+    /// upstream slot back, so least-connections and `max_conns` never count a ghost.
+    fn drop(&mut self) {
+        if let Some(up) = self.upstream.take() {
+            self.balancer.release(up.server);
+        }
+    }
+}
+
 fn send_timer(side: Side) -> Timer {
     match side {
         Side::Client => Timer::SendClient,
@@ -537,6 +569,7 @@ pub(crate) fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
         upstream_connect_time: None,
         upstream_header_time: None,
         upstream_response_time: None,
+        upstream_failures: Vec::new(),
         upgraded: false,
         tunnel_duration: None,
         close: None,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{Session, State};
-use crate::event::CloseReason;
+use crate::event::{CloseReason, Event};
 use crate::io::{Output, Side};
 use crate::timer::Timer;
 
@@ -56,6 +56,11 @@ impl Session {
             self.timers.arm(Timer::TunnelLifetime, now, life);
         }
         self.response_head.clear();
+        if let Some(up) = &self.upstream {
+            self.outputs.push_back(Output::Event(Event::TunnelOpened {
+                peer: up.peer.clone(),
+            }));
+        }
         self.state = State::Tunnel(Tunnel {
             dirs: Default::default(),
             first_eof: None,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proxy_core::{
-    Balancer, Config, Event, ExchangeLog, Input, Output, Peer, PeerInfo, Session, Side,
-    UpstreamGroup, UpstreamId,
+    Balancer, Config, ConnectError, Event, ExchangeLog, Input, Output, Peer, PeerInfo, Session,
+    Side, UpstreamGroup, UpstreamId,
 };
 
 /// The key used by [`Sim::ws_request`], and the accept value a genuine upstream answers with.
@@ -46,6 +46,8 @@ pub enum Action {
 
 pub struct Sim {
     pub session: Session,
+    /// The balancer the session shares (as every session of a server would).
+    pub balancer: Arc<Balancer>,
     pub start: Instant,
     pub now: Instant,
     /// Bytes written to the client / upstream and not yet taken by the test.
@@ -57,6 +59,8 @@ pub struct Sim {
     /// Non-data actions, in order.
     pub actions: Vec<Action>,
     pub events: Vec<ExchangeLog>,
+    /// Every other event (upstream chosen or failed, tunnel opened or closed), in order.
+    pub notes: Vec<Event>,
     /// When true, every `Send` is acknowledged with `Sent` at once (a fast peer).
     pub auto_ack: bool,
     /// Bytes sent but not acknowledged, per side, when `auto_ack` is off.
@@ -71,16 +75,17 @@ impl Sim {
     pub fn new(config: Config) -> Self {
         config.validate().expect("test config is valid");
         let config = Arc::new(config);
-        let balancer = Arc::new(Balancer::new(&config));
         let start = Instant::now();
+        let balancer = Arc::new(Balancer::new(&config, start));
         let session = Session::new(
             config,
-            balancer,
+            Arc::clone(&balancer),
             PeerInfo::new("192.0.2.1:40000".parse().expect("addr")),
             start,
         );
         Sim {
             session,
+            balancer,
             start,
             now: start,
             client_rx: Vec::new(),
@@ -89,6 +94,7 @@ impl Sim {
             upstream_total: Vec::new(),
             actions: Vec::new(),
             events: Vec::new(),
+            notes: Vec::new(),
             auto_ack: true,
             unacked: [0; 2],
             last_connect: None,
@@ -144,6 +150,7 @@ impl Sim {
                     self.actions.push(Action::Release { id, reusable })
                 }
                 Output::Event(Event::Exchange(log)) => self.events.push(*log),
+                Output::Event(e) => self.notes.push(e),
                 other => panic!("unknown output {other:?}"),
             }
         }
@@ -183,6 +190,23 @@ impl Sim {
     pub fn connected_with(&mut self, reused: bool) {
         let id = self.last_connect.expect("a Connect was requested");
         self.input(Input::UpstreamConnected { id, reused });
+    }
+
+    /// Fails the pending connect with `why`.
+    pub fn connect_failed(&mut self, why: ConnectError) {
+        let id = self.last_connect.expect("a Connect was requested");
+        self.input(Input::UpstreamFailed { id, why });
+    }
+
+    /// The servers the session chose, in order (from its `UpstreamChosen` events).
+    pub fn chosen(&self) -> Vec<String> {
+        self.notes
+            .iter()
+            .filter_map(|e| match e {
+                Event::UpstreamChosen { peer } => Some(peer.to_string()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Acknowledges everything written to `side` so far.
