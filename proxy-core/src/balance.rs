@@ -41,7 +41,8 @@ const MAX_RING_POINTS: usize = 1 << 20;
 pub struct Balancer {
     /// Failure windows are kept as nanoseconds after this instant.
     base: Instant,
-    group: GroupState,
+    /// One per group, indexed like [`Config::group`].
+    groups: Box<[GroupState]>,
 }
 
 #[derive(Debug)]
@@ -86,16 +87,18 @@ impl Balancer {
     pub fn new(config: &Config, now: Instant) -> Self {
         Balancer {
             base: now,
-            group: GroupState::new(&config.upstream),
+            groups: config.all_groups().map(GroupState::new).collect(),
         }
     }
 
-    /// Chooses a server of `group` (the group this balancer was built for) and counts a
-    /// connection on it: report the outcome with [`failed`](Self::failed) or
-    /// [`succeeded`](Self::succeeded), and always end it with [`release`](Self::release).
-    /// `None` when every server is tried, at `max_conns`, or (for backups) not needed.
-    pub fn pick(&self, group: &UpstreamGroup, c: &Choice<'_>) -> Option<u16> {
-        let g = &self.group;
+    /// Chooses a server of group `gi` of `config` (the configuration this balancer was built
+    /// for; see [`Config::group`]) and counts a connection on it: report the outcome with
+    /// [`failed`](Self::failed) or [`succeeded`](Self::succeeded), and always end it with
+    /// [`release`](Self::release). `None` when every server is tried or at `max_conns`.
+    pub fn pick(&self, config: &Config, gi: usize, c: &Choice<'_>) -> Option<u16> {
+        let (Some(g), Some(group)) = (self.groups.get(gi), config.group(gi)) else {
+            return None;
+        };
         let now = self.nanos(c.now);
         let usable = |i: u16, ignore_failures: bool| {
             let s = &g.servers[usize::from(i)];
@@ -104,22 +107,24 @@ impl Balancer {
                 && (cfg.max_conns == 0 || s.active.load(Ordering::Relaxed) < cfg.max_conns)
                 && (ignore_failures || s.down_until.load(Ordering::Relaxed) <= now)
         };
-        let found = self
+        let found = g
             .choose(group, c, |i| usable(i, false))
-            .or_else(|| self.choose(group, c, |i| usable(i, true)))?;
+            .or_else(|| g.choose(group, c, |i| usable(i, true)))?;
         g.servers[usize::from(found)]
             .active
             .fetch_add(1, Ordering::Relaxed);
         Some(found)
     }
+}
 
+impl GroupState {
     fn choose(
         &self,
         group: &UpstreamGroup,
         c: &Choice<'_>,
         usable: impl Fn(u16) -> bool,
     ) -> Option<u16> {
-        let g = &self.group;
+        let g = self;
         match &group.method {
             BalanceMethod::RoundRobin => g
                 .walk(&g.schedule, &usable)
@@ -142,11 +147,17 @@ impl Balancer {
             }
         }
     }
+}
+
+impl Balancer {
+    fn server(&self, gi: usize, server: u16) -> Option<&ServerState> {
+        self.groups.get(gi)?.servers.get(usize::from(server))
+    }
 
     /// The connection chosen by [`pick`](Self::pick) is over (released, closed, or its tunnel
     /// ended).
-    pub fn release(&self, server: u16) {
-        if let Some(s) = self.group.servers.get(usize::from(server)) {
+    pub fn release(&self, gi: usize, server: u16) {
+        if let Some(s) = self.server(gi, server) {
             // Saturating: a release never makes the count wrap.
             let _ = s
                 .active
@@ -154,10 +165,14 @@ impl Balancer {
         }
     }
 
-    /// A connection to `server` failed (refused, unreachable, timed out) at `now`.
-    pub fn failed(&self, group: &UpstreamGroup, server: u16, now: Instant) {
+    /// A connection to `server` of group `gi` failed (refused, unreachable, timed out) at
+    /// `now`.
+    pub fn failed(&self, config: &Config, gi: usize, server: u16, now: Instant) {
+        let Some(group) = config.group(gi) else {
+            return;
+        };
         let (Some(s), Some(cfg)) = (
-            self.group.servers.get(usize::from(server)),
+            self.server(gi, server),
             group.servers.get(usize::from(server)),
         ) else {
             return;
@@ -182,26 +197,23 @@ impl Balancer {
         }
     }
 
-    /// A connection to `server` succeeded: its failure count starts over.
-    pub fn succeeded(&self, server: u16) {
-        if let Some(s) = self.group.servers.get(usize::from(server)) {
+    /// A connection to `server` of group `gi` succeeded: its failure count starts over.
+    pub fn succeeded(&self, gi: usize, server: u16) {
+        if let Some(s) = self.server(gi, server) {
             s.fails.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Connections counted on `server` now (requests in flight and open tunnels).
-    pub fn active(&self, server: u16) -> u32 {
-        self.group
-            .servers
-            .get(usize::from(server))
+    /// Connections counted on `server` of group `gi` now (requests in flight and open
+    /// tunnels).
+    pub fn active(&self, gi: usize, server: u16) -> u32 {
+        self.server(gi, server)
             .map_or(0, |s| s.active.load(Ordering::Relaxed))
     }
 
-    /// Whether `server` is skipped for failures at `now`.
-    pub fn is_down(&self, server: u16, now: Instant) -> bool {
-        self.group
-            .servers
-            .get(usize::from(server))
+    /// Whether `server` of group `gi` is skipped for failures at `now`.
+    pub fn is_down(&self, gi: usize, server: u16, now: Instant) -> bool {
+        self.server(gi, server)
             .is_some_and(|s| s.down_until.load(Ordering::Relaxed) > self.nanos(now))
     }
 
@@ -423,8 +435,8 @@ mod tests {
     fn run(config: &Config, b: &Balancer, c: &Choice<'_>, n: usize) -> Vec<u16> {
         (0..n)
             .map(|_| {
-                let i = b.pick(&config.upstream, c).expect("a server");
-                b.release(i);
+                let i = b.pick(config, 0, c).expect("a server");
+                b.release(0, i);
                 i
             })
             .collect()
@@ -443,11 +455,11 @@ mod tests {
     #[test]
     fn a_failed_server_is_skipped_until_its_window_ends() {
         let (config, b, now) = setup(UpstreamGroup::with_servers(servers(2)));
-        b.failed(&config.upstream, 0, now);
-        assert!(b.is_down(0, now));
+        b.failed(&config, 0, 0, now);
+        assert!(b.is_down(0, 0, now));
         assert_eq!(run(&config, &b, &choice(now), 4), [1, 1, 1, 1]);
         let later = now + Duration::from_secs(11);
-        assert!(!b.is_down(0, later));
+        assert!(!b.is_down(0, 0, later));
         let mut back = run(&config, &b, &choice(later), 2);
         back.sort_unstable();
         assert_eq!(back, [0, 1]);
@@ -460,17 +472,17 @@ mod tests {
             UpstreamGroup::with_servers(vec![s[0].clone(), s[1].clone(), s[2].clone().backup()]);
         let (config, b, now) = setup(group);
         assert!(run(&config, &b, &choice(now), 6).iter().all(|i| *i != 2));
-        b.failed(&config.upstream, 0, now);
-        b.failed(&config.upstream, 1, now);
+        b.failed(&config, 0, 0, now);
+        b.failed(&config, 0, 1, now);
         assert_eq!(run(&config, &b, &choice(now), 3), [2, 2, 2]);
     }
 
     #[test]
     fn all_marked_failed_still_tries_rather_than_refuse() {
         let (config, b, now) = setup(UpstreamGroup::with_servers(servers(2)));
-        b.failed(&config.upstream, 0, now);
-        b.failed(&config.upstream, 1, now);
-        assert!(b.pick(&config.upstream, &choice(now)).is_some());
+        b.failed(&config, 0, 0, now);
+        b.failed(&config, 0, 1, now);
+        assert!(b.pick(&config, 0, &choice(now)).is_some());
     }
 
     #[test]
@@ -481,13 +493,13 @@ mod tests {
             tried: &tried,
             ..choice(now)
         };
-        assert_eq!(b.pick(&config.upstream, &c), Some(1));
+        assert_eq!(b.pick(&config, 0, &c), Some(1));
         let all = [0u16, 1, 2];
         let c = Choice {
             tried: &all,
             ..choice(now)
         };
-        assert_eq!(b.pick(&config.upstream, &c), None);
+        assert_eq!(b.pick(&config, 0, &c), None);
     }
 
     #[test]
@@ -495,18 +507,18 @@ mod tests {
         let mut s = servers(1);
         s[0].max_conns = 2;
         let (config, b, now) = setup(UpstreamGroup::with_servers(s));
-        assert_eq!(b.pick(&config.upstream, &choice(now)), Some(0));
-        assert_eq!(b.pick(&config.upstream, &choice(now)), Some(0));
-        assert_eq!(b.pick(&config.upstream, &choice(now)), None);
-        b.release(0);
-        assert_eq!(b.pick(&config.upstream, &choice(now)), Some(0));
+        assert_eq!(b.pick(&config, 0, &choice(now)), Some(0));
+        assert_eq!(b.pick(&config, 0, &choice(now)), Some(0));
+        assert_eq!(b.pick(&config, 0, &choice(now)), None);
+        b.release(0, 0);
+        assert_eq!(b.pick(&config, 0, &choice(now)), Some(0));
     }
 
     #[test]
     fn a_single_server_is_never_marked_failed() {
         let (config, b, now) = setup(UpstreamGroup::with_servers(servers(1)));
-        b.failed(&config.upstream, 0, now);
-        assert!(!b.is_down(0, now));
+        b.failed(&config, 0, 0, now);
+        assert!(!b.is_down(0, 0, now));
     }
 
     #[test]
@@ -534,8 +546,8 @@ mod tests {
             key: Some(key),
             ..choice(now)
         };
-        let i = b.pick(&config.upstream, &c).expect("a server");
-        b.release(i);
+        let i = b.pick(config, 0, &c).expect("a server");
+        b.release(0, i);
         i
     }
 
@@ -562,10 +574,10 @@ mod tests {
             let (config, b, now) = setup(group);
             for (i, n) in held.iter().enumerate() {
                 for _ in 0..*n {
-                    b.group.servers[i].active.fetch_add(1, Ordering::Relaxed);
+                    b.groups[0].servers[i].active.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            let chosen = b.pick(&config.upstream, &choice(now)).expect("a server");
+            let chosen = b.pick(&config, 0, &choice(now)).expect("a server");
             let min = held.iter().min().copied().unwrap_or(0);
             prop_assert_eq!(held[usize::from(chosen)], min);
         }

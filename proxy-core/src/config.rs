@@ -33,14 +33,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::route::VirtualHost;
 
 /// Everything a [`Session`](crate::Session) needs. Build with [`Config::new`] and adjust fields;
 /// check with [`Config::validate`] before use.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// The servers requests are sent to, and how they are chosen.
+    /// The default upstream group (named `default`): every request goes here when no virtual
+    /// host is configured.
     pub upstream: UpstreamGroup,
+    /// More upstream groups, each with a unique `name`, for routes to name.
+    pub groups: Vec<UpstreamGroup>,
+    /// Virtual hosts and their routes (nginx `server` / `location`); empty means one implicit
+    /// route for everything, to `upstream`.
+    pub virtual_hosts: Vec<VirtualHost>,
     /// Timeouts (see the module table).
     pub timeouts: Timeouts,
     /// Size and count limits (see the module table).
@@ -63,6 +70,8 @@ impl Config {
     pub fn new(upstream: UpstreamGroup) -> Self {
         Config {
             upstream,
+            groups: Vec::new(),
+            virtual_hosts: Vec::new(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             host: HostPolicy::default(),
@@ -73,9 +82,77 @@ impl Config {
         }
     }
 
+    /// Group `i`: 0 is [`upstream`](Self::upstream), `i + 1` is `groups[i]`. Balancer and
+    /// events index groups this way.
+    pub fn group(&self, i: usize) -> Option<&UpstreamGroup> {
+        match i {
+            0 => Some(&self.upstream),
+            i => self.groups.get(i - 1),
+        }
+    }
+
+    /// Every group, in [`group`](Self::group) order.
+    pub fn all_groups(&self) -> impl Iterator<Item = &UpstreamGroup> {
+        std::iter::once(&self.upstream).chain(&self.groups)
+    }
+
+    /// The index (see [`group`](Self::group)) of the group called `name`.
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        if name == DEFAULT_GROUP {
+            return Some(0);
+        }
+        self.groups
+            .iter()
+            .position(|g| g.name == name)
+            .map(|i| i + 1)
+    }
+
     /// Checks the invariants the session relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.upstream.validate("upstream")?;
+        for (i, g) in self.groups.iter().enumerate() {
+            let field = format!("groups[{i}]");
+            if g.name.is_empty() || g.name == DEFAULT_GROUP {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    "a name other than \"default\" (which is `upstream`)",
+                ));
+            }
+            if self.groups[..i].iter().any(|o| o.name == g.name) {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!("a name not used by another group, got {:?}", g.name),
+                ));
+            }
+            g.validate(&field)?;
+        }
+        for (v, vh) in self.virtual_hosts.iter().enumerate() {
+            if vh.routes.is_empty() {
+                return Err(ConfigError::new(
+                    format!("virtual_hosts[{v}].routes"),
+                    "at least one route",
+                ));
+            }
+            for (r, route) in vh.routes.iter().enumerate() {
+                let field = format!("virtual_hosts[{v}].routes[{r}]");
+                if self.group_index(&route.group).is_none() {
+                    return Err(ConfigError::new(
+                        format!("{field}.group"),
+                        format!("\"default\" or the name of a group, got {:?}", route.group),
+                    ));
+                }
+                let st = &route.settings;
+                if let Some(h) = &st.headers {
+                    validate_headers(&format!("{field}.headers"), h)?;
+                }
+                if let Some(p) = &st.upgrade_protocols {
+                    validate_protocols(&format!("{field}.upgrade_protocols"), p)?;
+                }
+                if let Some(h) = &st.host {
+                    validate_host_policy(&format!("{field}.host"), h)?;
+                }
+            }
+        }
         let l = &self.limits;
         if l.max_head < 64 {
             return Err(ConfigError::new("limits.max_head", "at least 64 bytes"));
@@ -98,48 +175,66 @@ impl Config {
         if l.max_requests == 0 {
             return Err(ConfigError::new("limits.max_requests", "at least 1"));
         }
-        for (i, p) in self.upgrade_protocols.iter().enumerate() {
-            let field = format!("upgrade_protocols[{i}]");
-            if p.is_empty() || !p.bytes().all(crate::fields::is_token_byte) {
-                return Err(ConfigError::new(
-                    field,
-                    "an HTTP token such as \"websocket\"",
-                ));
-            }
-            if p.eq_ignore_ascii_case("h2c") {
-                return Err(ConfigError::new(
-                    field,
-                    "a protocol other than h2c (never tunnelled)",
-                ));
-            }
-        }
-        for (i, rule) in self.headers.iter().enumerate() {
-            let name = match rule {
-                HeaderRule::Set { name, .. } | HeaderRule::Remove { name } => name,
-            };
-            if name.is_empty() || !name.bytes().all(crate::fields::is_token_byte) {
-                return Err(ConfigError::new(
-                    format!("headers[{i}].name"),
-                    "an HTTP field name",
-                ));
-            }
-            if crate::fields::is_framing_or_hop(name.as_bytes()) {
-                return Err(ConfigError::new(
-                    format!("headers[{i}].name"),
-                    "a header other than Host, Content-Length, Transfer-Encoding and hop-by-hop headers",
-                ));
-            }
-        }
-        if let HostPolicy::Literal(h) = &self.host {
-            if h.is_empty() || !crate::fields::is_valid_host(h.as_bytes()) {
-                return Err(ConfigError::new(
-                    "host",
-                    "a host[:port] without spaces or control bytes",
-                ));
-            }
-        }
+        validate_protocols("upgrade_protocols", &self.upgrade_protocols)?;
+        validate_headers("headers", &self.headers)?;
+        validate_host_policy("host", &self.host)?;
         Ok(())
     }
+}
+
+/// The name of [`Config::upstream`] in routes.
+pub const DEFAULT_GROUP: &str = "default";
+
+fn validate_protocols(field: &str, protocols: &[String]) -> Result<(), ConfigError> {
+    for (i, p) in protocols.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        if p.is_empty() || !p.bytes().all(crate::fields::is_token_byte) {
+            return Err(ConfigError::new(
+                field,
+                "an HTTP token such as \"websocket\"",
+            ));
+        }
+        if p.eq_ignore_ascii_case("h2c") {
+            return Err(ConfigError::new(
+                field,
+                "a protocol other than h2c (never tunnelled)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_headers(field: &str, rules: &[HeaderRule]) -> Result<(), ConfigError> {
+    for (i, rule) in rules.iter().enumerate() {
+        let name = match rule {
+            HeaderRule::Set { name, .. } | HeaderRule::Remove { name } => name,
+        };
+        if name.is_empty() || !name.bytes().all(crate::fields::is_token_byte) {
+            return Err(ConfigError::new(
+                format!("{field}[{i}].name"),
+                "an HTTP field name",
+            ));
+        }
+        if crate::fields::is_framing_or_hop(name.as_bytes()) {
+            return Err(ConfigError::new(
+                format!("{field}[{i}].name"),
+                "a header other than Host, Content-Length, Transfer-Encoding and hop-by-hop headers",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_host_policy(field: &str, host: &HostPolicy) -> Result<(), ConfigError> {
+    if let HostPolicy::Literal(h) = host {
+        if h.is_empty() || !crate::fields::is_valid_host(h.as_bytes()) {
+            return Err(ConfigError::new(
+                field,
+                "a host[:port] without spaces or control bytes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A set of interchangeable upstream servers (nginx `upstream`), the method that chooses among
@@ -147,6 +242,8 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UpstreamGroup {
+    /// Its name in routes (`default` for [`Config::upstream`]).
+    pub name: String,
     /// The servers, in configuration order.
     pub servers: Vec<UpstreamServer>,
     /// How a server is chosen.
@@ -168,11 +265,18 @@ impl UpstreamGroup {
     /// A round-robin group of these servers.
     pub fn with_servers(servers: Vec<UpstreamServer>) -> Self {
         UpstreamGroup {
+            name: DEFAULT_GROUP.to_owned(),
             servers,
             method: BalanceMethod::RoundRobin,
             tries: 0,
             try_timeout: Duration::ZERO,
         }
+    }
+
+    /// The same group, called `name` (for [`Config::groups`]).
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
     }
 
     /// The same group, balanced by `method`.

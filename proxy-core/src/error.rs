@@ -36,6 +36,9 @@ pub enum RequestError {
     /// A method this reverse proxy does not serve (CONNECT).
     #[error("method not allowed")]
     Method,
+    /// No virtual host's route matches the request's host and path.
+    #[error("no route for this host and path")]
+    NoRoute,
 }
 
 impl RequestError {
@@ -52,6 +55,7 @@ impl RequestError {
             RequestError::BodyTooLarge => 413,
             RequestError::Version => 505,
             RequestError::Method => 405,
+            RequestError::NoRoute => 404,
         }
     }
 }

@@ -114,6 +114,7 @@ mod io;
 mod pool;
 mod request;
 mod response;
+mod route;
 mod session;
 mod timer;
 mod upgrade;
@@ -121,12 +122,13 @@ mod upgrade;
 pub use balance::{key_hash, Balancer, Choice};
 pub use config::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer, Template,
-    Timeouts, UpstreamGroup, UpstreamServer, Variable,
+    Timeouts, UpstreamGroup, UpstreamServer, Variable, DEFAULT_GROUP,
 };
 pub use error::{ConfigError, RequestError, ResponseError};
 pub use event::{CloseReason, Event, ExchangeLog};
 pub use io::{ConnectError, Input, Output, PeerInfo, Scheme, Side, UpstreamId};
 pub use pool::IdlePool;
+pub use route::{PathMatch, Route, RouteSettings, ServerName, VirtualHost};
 pub use session::Session;
 pub use timer::Timer;
 pub use upgrade::websocket_accept;

@@ -14,7 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::balance::Fnv;
 use crate::body::Framing;
-use crate::config::{Config, HashKey, HeaderRule, KeyPart, Limits, Peer, TemplatePart, Variable};
+use crate::config::{
+    Config, HashKey, HeaderRule, HostPolicy, KeyPart, Limits, Peer, TemplatePart, Variable,
+};
 use crate::error::RequestError;
 use crate::fields::{
     is_hop_or_framing, is_token_byte, is_valid_host, list_items, parse_content_length, trim_ows,
@@ -51,6 +53,11 @@ pub(crate) struct Request {
 pub(crate) struct RequestContext<'a> {
     pub(crate) config: &'a Config,
     pub(crate) client: &'a PeerInfo,
+    /// The route's `Host` policy and header edits (the global ones unless it replaces them).
+    pub(crate) host: &'a HostPolicy,
+    pub(crate) headers: &'a [HeaderRule],
+    /// The path to send upstream (the route may have stripped a prefix).
+    pub(crate) path: &'a [u8],
 }
 
 /// Fields gathered in one pass over the headers.
@@ -356,19 +363,19 @@ pub(crate) fn serialise(
     let ParsedRequest {
         method,
         target,
-        path,
         minor,
         host,
         framing,
         keep_alive,
         ..
     } = *req;
+    let path = ctx.path;
     let seen = &req.seen;
     let config = ctx.config;
     let client_ip = ctx.client.addr.ip().to_canonical();
-    let host_out: &[u8] = match (&config.host, host) {
-        (crate::config::HostPolicy::Client, Some(h)) => h,
-        (crate::config::HostPolicy::Literal(l), _) => l.as_bytes(),
+    let host_out: &[u8] = match (ctx.host, host) {
+        (HostPolicy::Client, Some(h)) => h,
+        (HostPolicy::Literal(l), _) => l.as_bytes(),
         _ => peer.authority().as_bytes(),
     };
     let var = |v: Variable, out: &mut BytesMut| match v {
@@ -378,7 +385,7 @@ pub(crate) fn serialise(
         Variable::RequestUri => out.put_slice(target.as_bytes()),
     };
     let ruled = |name: &[u8]| {
-        config.headers.iter().any(|r| match r {
+        ctx.headers.iter().any(|r| match r {
             HeaderRule::Set { name: n, .. } | HeaderRule::Remove { name: n } => {
                 n.as_bytes().eq_ignore_ascii_case(name)
             }
@@ -434,7 +441,7 @@ pub(crate) fn serialise(
             put_field(&mut out, b"X-Forwarded-Host", h);
         }
     }
-    for rule in &config.headers {
+    for rule in ctx.headers {
         if let HeaderRule::Set { name, value } = rule {
             out.put_slice(name.as_bytes());
             out.put_slice(b": ");
@@ -651,6 +658,9 @@ mod tests {
         let ctx = RequestContext {
             config,
             client: &client,
+            host: &config.host,
+            headers: &config.headers,
+            path: parsed.path,
         };
         Ok(serialise(
             &parsed,

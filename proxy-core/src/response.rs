@@ -252,6 +252,7 @@ pub(crate) fn parse_response(
 pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",

@@ -157,7 +157,7 @@ fn backup_only_when_the_primaries_fail() {
 fn the_balancer_counts_a_tunnel_until_it_closes() {
     let mut sim = sim(group(1));
     sim.client(sim::ws_request("/ws"));
-    assert_eq!(sim.balancer.active(0), 1, "counted from the choice");
+    assert_eq!(sim.balancer.active(0, 0), 1, "counted from the choice");
     sim.connected();
     sim.take_upstream();
     sim.upstream(format!(
@@ -168,11 +168,11 @@ fn the_balancer_counts_a_tunnel_until_it_closes() {
         .notes
         .iter()
         .any(|e| matches!(e, Event::TunnelOpened { .. })));
-    assert_eq!(sim.balancer.active(0), 1, "an open tunnel counts");
+    assert_eq!(sim.balancer.active(0, 0), 1, "an open tunnel counts");
     sim.client_eof();
     sim.upstream_eof();
     assert!(sim.session.is_closed());
-    assert_eq!(sim.balancer.active(0), 0, "a closed tunnel does not");
+    assert_eq!(sim.balancer.active(0, 0), 0, "a closed tunnel does not");
     assert!(sim
         .notes
         .iter()
@@ -190,7 +190,7 @@ fn a_keep_alive_exchange_gives_its_slot_back() {
         sim.upstream(OK);
         sim.take_client();
     }
-    assert_eq!(sim.balancer.active(0) + sim.balancer.active(1), 0);
+    assert_eq!(sim.balancer.active(0, 0) + sim.balancer.active(0, 1), 0);
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn a_dropped_session_gives_its_slot_back() {
     sim.client(GET);
     sim.connected();
     let balancer = std::sync::Arc::clone(&sim.balancer);
-    assert_eq!(balancer.active(0), 1);
+    assert_eq!(balancer.active(0, 0), 1);
     drop(sim);
-    assert_eq!(balancer.active(0), 0);
+    assert_eq!(balancer.active(0, 0), 0);
 }

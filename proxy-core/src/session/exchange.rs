@@ -5,6 +5,7 @@
 //! request's follow-up bytes reaching the upstream before a genuine `101`, or a connection being
 //! reused when either message was incomplete.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,18 +15,19 @@ use bytes::Bytes;
 use super::{empty_log, new_log, Session, State, Upstream};
 use crate::balance::Choice;
 use crate::body::{BodyDecoder, Framing};
-use crate::config::BalanceMethod;
+use crate::config::{BalanceMethod, Config};
 use crate::error::{RequestError, ResponseError};
 use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::fields::{header_slots, STACK_HEADERS};
 use crate::head::HeadLimit;
 use crate::io::{ConnectError, Output, Side, UpstreamId};
 use crate::request::{
-    check_body_limit, hash_key, parse_request, serialise, Request, RequestContext,
+    check_body_limit, hash_key, parse_request, serialise, ParsedRequest, Request, RequestContext,
 };
 use crate::response::{
     error_response, parse_response, ClientFraming, ResponseContext, ResponseKind,
 };
+use crate::route::{route_for, upstream_path, virtual_host, Route, RouteRef};
 use crate::timer::Timer;
 use crate::upgrade::{self, UpgradeRequest};
 
@@ -202,6 +204,36 @@ impl Exchange {
     }
 }
 
+/// What the request path decided. Lives for one call on the stack: boxing the large variant
+/// would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    /// Forward `req` on `route` to `server`.
+    Ready {
+        req: Request,
+        route: RouteRef,
+        server: u16,
+        key: Option<u64>,
+    },
+    /// The route's group has no server to give (all at `max_conns`).
+    NoServer(Option<(usize, usize)>, usize),
+}
+
+/// The virtual host and route for `req`: `None` when no virtual host is configured (the
+/// implicit route), a 404 when none matches.
+fn route_request<'c>(
+    config: &'c Config,
+    req: &ParsedRequest<'_>,
+) -> Result<Option<(usize, usize, &'c Route)>, RequestError> {
+    if config.virtual_hosts.is_empty() {
+        return Ok(None);
+    }
+    let v = virtual_host(&config.virtual_hosts, req.host).ok_or(RequestError::NoRoute)?;
+    let routes = &config.virtual_hosts[v].routes;
+    let r = route_for(routes, req.path).ok_or(RequestError::NoRoute)?;
+    Ok(Some((v, r, &routes[r])))
+}
+
 /// The first line of a head, for logging a refused request.
 fn first_line(head: &[u8]) -> String {
     let line = head
@@ -320,33 +352,70 @@ impl Session {
         // parse → route → serialise: nothing is chosen for a head that fails validation, and
         // nothing is sent before the whole head has been rewritten.
         let prepared = parse_request(&head, slots, &config.limits).and_then(|parsed| {
-            check_body_limit(&parsed, config.limits.max_body)?;
-            let offer = upgrade::offer(&parsed, &config.upgrade_protocols);
-            let key = match &config.upstream.method {
+            let route = route_request(&config, &parsed)?;
+            let settings = route.map(|(_, _, r)| &r.settings);
+            let max_body = settings
+                .and_then(|s| s.max_body)
+                .unwrap_or(config.limits.max_body);
+            check_body_limit(&parsed, max_body)?;
+            let protocols = settings
+                .and_then(|s| s.upgrade_protocols.as_deref())
+                .unwrap_or(&config.upgrade_protocols);
+            let offer = upgrade::offer(&parsed, protocols);
+            let gi = route
+                .and_then(|(_, _, r)| config.group_index(&r.group))
+                .unwrap_or(0);
+            let group = config.group(gi).unwrap_or(&config.upstream);
+            let key = match &group.method {
                 BalanceMethod::Hash(key) => Some(hash_key(key, &parsed, self.client.addr.ip())),
                 _ => None,
             };
-            let Some(server) = self.balancer.pick(&config.upstream, &self.choice(key, &[])) else {
-                return Ok(None);
+            let at = route.map(|(v, r, _)| (v, r));
+            let Some(server) = self.balancer.pick(&config, gi, &self.choice(key, &[])) else {
+                return Ok(Prepared::NoServer(at, gi));
             };
-            let peer = &config.upstream.servers[usize::from(server)].peer;
+            let path = match route {
+                Some((_, _, r)) => upstream_path(r, parsed.path),
+                None => Cow::Borrowed(parsed.path),
+            };
             let ctx = RequestContext {
                 config: &config,
                 client: &self.client,
+                host: settings
+                    .and_then(|s| s.host.as_ref())
+                    .unwrap_or(&config.host),
+                headers: settings
+                    .and_then(|s| s.headers.as_deref())
+                    .unwrap_or(&config.headers),
+                path: &path,
             };
-            Ok(Some((serialise(&parsed, &ctx, offer, peer), server, key)))
+            let peer = &group.servers[usize::from(server)].peer;
+            let req = serialise(&parsed, &ctx, offer, peer);
+            Ok(Prepared::Ready {
+                req,
+                route: RouteRef { at, group: gi },
+                server,
+                key,
+            })
         });
         match prepared {
             Err(e) => self.refuse(first_line(&head), head.len() as u64, e),
-            Ok(None) => {
+            Ok(Prepared::NoServer(at, group)) => {
                 // Every server is at max_conns (the only way a valid group has none to give).
+                self.route = RouteRef { at, group };
                 let sent = self.sent_total[Side::Client.index()];
                 let (line, len) = (first_line(&head), head.len() as u64);
                 self.exchange = Some(Exchange::refused(line, len, self.now, sent, &self.client));
                 self.state = State::Exchange;
                 self.fail(502, CloseReason::NoUpstream);
             }
-            Ok(Some((req, server, key))) => {
+            Ok(Prepared::Ready {
+                req,
+                route,
+                server,
+                key,
+            }) => {
+                self.route = route;
                 let sent = self.sent_total[Side::Client.index()];
                 let mut ex = Exchange::new(req, self.now, sent, head.len(), &self.client);
                 ex.key = key;
@@ -355,6 +424,13 @@ impl Session {
                 self.connect(server, true);
             }
         }
+    }
+
+    /// The request body limit on the current route.
+    pub(super) fn route_max_body(&self) -> u64 {
+        self.route()
+            .and_then(|r| r.settings.max_body)
+            .unwrap_or(self.config.limits.max_body)
     }
 
     fn choice<'a>(&self, key: Option<u64>, tried: &'a [u16]) -> Choice<'a> {
@@ -368,9 +444,15 @@ impl Session {
 
     /// Starts a connection to `server` of the group, whose balancer slot the caller holds.
     fn connect(&mut self, server: u16, allow_pooled: bool) {
-        let peer = self.config.upstream.servers[usize::from(server)]
-            .peer
-            .clone();
+        let group = self.route.group;
+        let Some(peer) = self
+            .config
+            .group(group)
+            .and_then(|g| g.servers.get(usize::from(server)))
+            .map(|s| s.peer.clone())
+        else {
+            return self.fail(502, CloseReason::NoUpstream);
+        };
         self.next_upstream += 1;
         let id = UpstreamId(self.next_upstream);
         if let Some(ex) = self.exchange.as_mut() {
@@ -380,6 +462,7 @@ impl Session {
         }
         self.upstream = Some(Upstream {
             id,
+            group,
             server,
             peer: peer.clone(),
             connected: false,
@@ -394,7 +477,7 @@ impl Session {
             allow_pooled,
         });
         self.timers
-            .arm(Timer::Connect, self.now, self.config.timeouts.connect);
+            .arm(Timer::Connect, self.now, self.timeouts().connect);
     }
 
     pub(super) fn on_connected(&mut self, id: UpstreamId, reused: bool) {
@@ -410,7 +493,7 @@ impl Session {
         };
         up.connected = true;
         up.reused = reused;
-        self.balancer.succeeded(up.server);
+        self.balancer.succeeded(up.group, up.server);
         self.timers.stop(Timer::Connect);
         let Some(ex) = self.exchange.as_mut() else {
             return;
@@ -426,14 +509,11 @@ impl Session {
         // Like nginx's proxy_read_timeout, the wait for the response starts once the request
         // is sent: a slow upload is the client body timer's business.
         if body_pending {
-            self.timers.arm(
-                Timer::ClientBody,
-                self.now,
-                self.config.timeouts.client_body,
-            );
+            self.timers
+                .arm(Timer::ClientBody, self.now, self.timeouts().client_body);
         } else {
             self.timers
-                .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
+                .arm(Timer::UpstreamRead, self.now, self.timeouts().read);
         }
     }
 
@@ -467,8 +547,11 @@ impl Session {
             side: Side::Upstream,
         });
         self.timers.stop(Timer::Connect);
-        let group = &self.config.upstream;
-        self.balancer.failed(group, up.server, self.now);
+        let config = Arc::clone(&self.config);
+        let Some(group) = config.group(up.group) else {
+            return;
+        };
+        self.balancer.failed(&config, up.group, up.server, self.now);
         self.outputs.push_back(Output::Event(Event::UpstreamFailed {
             peer: up.peer.clone(),
             cause: why,
@@ -493,7 +576,7 @@ impl Session {
                 tried: &ex.tried,
                 now: self.now,
             };
-            self.balancer.pick(group, &choice)
+            self.balancer.pick(&config, up.group, &choice)
         } else {
             None
         };
@@ -535,7 +618,7 @@ impl Session {
             self.client_rx_len += chunk.len();
             self.client_rx.push_front(chunk);
         }
-        let max_body = self.config.limits.max_body;
+        let max_body = self.route_max_body();
         let error = match result {
             Err(e) => Some(RequestError::BadChunk(e.0)),
             Ok(()) if max_body != 0 && decoder.data_len > max_body => {
@@ -563,15 +646,12 @@ impl Session {
                 self.finish_exchange();
             } else if !ex.response_head_done() {
                 self.timers
-                    .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
+                    .arm(Timer::UpstreamRead, self.now, self.timeouts().read);
             }
         } else {
             ex.body = Some((decoder, chunked));
-            self.timers.arm(
-                Timer::ClientBody,
-                self.now,
-                self.config.timeouts.client_body,
-            );
+            self.timers
+                .arm(Timer::ClientBody, self.now, self.timeouts().client_body);
         }
         true
     }
@@ -583,11 +663,8 @@ impl Session {
             .as_ref()
             .is_some_and(Exchange::request_body_pending)
         {
-            self.timers.arm(
-                Timer::ClientBody,
-                self.now,
-                self.config.timeouts.client_body,
-            );
+            self.timers
+                .arm(Timer::ClientBody, self.now, self.timeouts().client_body);
         }
     }
 
@@ -654,7 +731,7 @@ impl Session {
             self.finish_exchange();
         } else {
             self.timers
-                .arm(Timer::UpstreamRead, self.now, self.config.timeouts.read);
+                .arm(Timer::UpstreamRead, self.now, self.timeouts().read);
         }
     }
 

@@ -36,10 +36,11 @@ use bytes::{Bytes, BytesMut};
 
 use crate::balance::Balancer;
 use crate::body::{chunk_size_line, Piece, CHUNK_END, LAST_CHUNK};
-use crate::config::{Config, Peer};
+use crate::config::{Config, Peer, Timeouts};
 use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::head::HeadReader;
 use crate::io::{Input, Output, PeerInfo, Side, UpstreamId};
+use crate::route::{Route, RouteRef};
 use crate::timer::{Timer, TimerTable};
 
 use self::exchange::Exchange;
@@ -79,6 +80,8 @@ pub struct Session {
     response_head: HeadReader,
     upstream: Option<Upstream>,
     next_upstream: u64,
+    /// The route of the current (or last) request: its settings and upstream group.
+    route: RouteRef,
     /// Requests started on this connection.
     requests: u32,
     exchange: Option<Exchange>,
@@ -103,6 +106,8 @@ enum State {
 #[derive(Debug)]
 struct Upstream {
     id: UpstreamId,
+    /// Its group (see `Config::group`).
+    group: usize,
     /// Its index in the group: the balancer counts a connection on it until it is dropped.
     server: u16,
     peer: Peer,
@@ -141,6 +146,7 @@ impl Session {
             response_head: HeadReader::default(),
             upstream: None,
             next_upstream: 0,
+            route: RouteRef { at: None, group: 0 },
             requests: 0,
             exchange: None,
             scratch: BytesMut::new(),
@@ -288,6 +294,20 @@ impl Session {
 
     // ---- internals shared by the HTTP and tunnel halves ----
 
+    /// The route of the current request, if it came from a virtual host.
+    fn route(&self) -> Option<&Route> {
+        let (v, r) = self.route.at?;
+        self.config.virtual_hosts.get(v)?.routes.get(r)
+    }
+
+    /// The timeouts of the current exchange or tunnel: its route's, else the global ones.
+    /// Connection-level timeouts (request head, keep-alive, linger) are always global.
+    fn timeouts(&self) -> &Timeouts {
+        self.route()
+            .and_then(|r| r.settings.timeouts.as_ref())
+            .unwrap_or(&self.config.timeouts)
+    }
+
     fn advance(&mut self, now: Instant) {
         self.now = self.now.max(now);
     }
@@ -313,7 +333,7 @@ impl Session {
         let i = to.index();
         if self.in_flight[i] == 0 {
             self.timers
-                .arm(send_timer(to), self.now, self.config.timeouts.send);
+                .arm(send_timer(to), self.now, self.timeouts().send);
         }
         self.in_flight[i] += bytes.len();
         self.sent_total[i] += bytes.len() as u64;
@@ -341,7 +361,7 @@ impl Session {
             self.timers.stop(send_timer(to));
         } else if len > 0 {
             self.timers
-                .arm(send_timer(to), self.now, self.config.timeouts.send);
+                .arm(send_timer(to), self.now, self.timeouts().send);
         }
         match self.state {
             State::Closing if to == Side::Client => self.progress_closing(),
@@ -446,7 +466,7 @@ impl Session {
     /// releases the connection itself.
     fn take_upstream(&mut self) -> Option<Upstream> {
         let up = self.upstream.take()?;
-        self.balancer.release(up.server);
+        self.balancer.release(up.group, up.server);
         if let State::Tunnel(_) = self.state {
             let duration = self
                 .exchange
@@ -535,7 +555,7 @@ impl Drop for Session {
     /// upstream slot back, so least-connections and `max_conns` never count a ghost.
     fn drop(&mut self) {
         if let Some(up) = self.upstream.take() {
-            self.balancer.release(up.server);
+            self.balancer.release(up.group, up.server);
         }
     }
 }

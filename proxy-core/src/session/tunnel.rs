@@ -51,8 +51,8 @@ impl Session {
             ex.upgrade = None;
         }
         self.timers
-            .arm(Timer::TunnelIdle, now, self.config.timeouts.tunnel_idle);
-        if let Some(life) = self.config.timeouts.tunnel_lifetime {
+            .arm(Timer::TunnelIdle, now, self.timeouts().tunnel_idle);
+        if let Some(life) = self.timeouts().tunnel_lifetime {
             self.timers.arm(Timer::TunnelLifetime, now, life);
         }
         self.response_head.clear();
@@ -94,11 +94,8 @@ impl Session {
                 ex.count_client_bytes(bytes.len());
             }
         }
-        self.timers.arm(
-            Timer::TunnelIdle,
-            self.now,
-            self.config.timeouts.tunnel_idle,
-        );
+        self.timers
+            .arm(Timer::TunnelIdle, self.now, self.timeouts().tunnel_idle);
         self.send(from.other(), bytes);
     }
 
@@ -144,8 +141,7 @@ impl Session {
             };
             self.abort(reason);
         } else if any && self.timers.get(Timer::Fin).is_none() {
-            self.timers
-                .arm(Timer::Fin, self.now, self.config.timeouts.fin);
+            self.timers.arm(Timer::Fin, self.now, self.timeouts().fin);
         }
     }
 }
