@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proxy_core::{Config, HeaderRule, HostPolicy, IpNet, Peer, Template, UpstreamGroup};
+use proxy_core::{
+    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, Route,
+    ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost, DEFAULT_GROUP,
+};
 use serde::Deserialize;
 
 use crate::access_log;
@@ -71,14 +74,167 @@ struct File {
     timeouts: Option<TimeoutsSection>,
     limits: Option<LimitsSection>,
     http: Option<HttpSection>,
+    /// `[[server]]` blocks: virtual hosts and their routes.
+    server: Option<Vec<ServerBlock>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[upstream]`: the default group's servers and method, the pool, and (as sub-tables,
+/// `[upstream.NAME]`) the named groups routes refer to.
+#[derive(Debug, Default)]
 struct UpstreamSection {
     peers: Option<Vec<String>>,
+    servers: Option<Vec<ServerSpec>>,
+    method: Option<String>,
+    hash: Option<String>,
+    tries: Option<u32>,
+    try_timeout: Option<Dur>,
     pool_idle_timeout: Option<Dur>,
     pool_max_idle: Option<usize>,
+    /// Every other key is a named group (`[upstream.chat]`).
+    groups: BTreeMap<String, GroupSection>,
+}
+
+// By hand rather than with `#[serde(flatten)]`, which would lose the position of an error (and
+// with it the line the user is told to look at).
+impl<'de> Deserialize<'de> for UpstreamSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UpstreamSection;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an [upstream] table")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UpstreamSection, A::Error> {
+                let mut s = UpstreamSection::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "peers" => s.peers = Some(map.next_value()?),
+                        "servers" => s.servers = Some(map.next_value()?),
+                        "method" => s.method = Some(map.next_value()?),
+                        "hash" => s.hash = Some(map.next_value()?),
+                        "tries" => s.tries = Some(map.next_value()?),
+                        "try_timeout" => s.try_timeout = Some(map.next_value()?),
+                        "pool_idle_timeout" => s.pool_idle_timeout = Some(map.next_value()?),
+                        "pool_max_idle" => s.pool_max_idle = Some(map.next_value()?),
+                        _ => {
+                            let group: GroupTable = map.next_value()?;
+                            s.groups.insert(key, group.0);
+                        }
+                    }
+                }
+                Ok(s)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A named group's table, with an error that says what an unknown `[upstream]` key may be.
+struct GroupTable(GroupSection);
+
+impl<'de> Deserialize<'de> for GroupTable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = GroupTable;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "one of peers, servers, method, hash, tries, try_timeout, pool_idle_timeout, \
+                     pool_max_idle, or an [upstream.NAME] group table",
+                )
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<GroupTable, A::Error> {
+                GroupSection::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(GroupTable)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// `[upstream.NAME]`: one named group.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupSection {
+    peers: Option<Vec<String>>,
+    servers: Option<Vec<ServerSpec>>,
+    method: Option<String>,
+    hash: Option<String>,
+    tries: Option<u32>,
+    try_timeout: Option<Dur>,
+}
+
+/// A server of a group: `"host:port"`, or a table with nginx's `server` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ServerSpec {
+    Addr(String),
+    Full(ServerTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerTable {
+    addr: String,
+    weight: Option<u32>,
+    max_conns: Option<u32>,
+    max_fails: Option<u32>,
+    fail_timeout: Option<Dur>,
+    backup: Option<bool>,
+}
+
+/// `[[server]]`: a virtual host (nginx `server`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerBlock {
+    listen: Option<Vec<String>>,
+    server_names: Option<Vec<String>>,
+    #[serde(default)]
+    route: Vec<RouteBlock>,
+    host: Option<String>,
+    upgrade_protocols: Option<Vec<String>>,
+    max_body: Option<Size>,
+    set_headers: Option<BTreeMap<String, String>>,
+    remove_headers: Option<Vec<String>>,
+    timeouts: Option<RouteTimeouts>,
+}
+
+/// `[[server.route]]`: a route (nginx `location`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteBlock {
+    path: String,
+    upstream: Option<String>,
+    strip_prefix: Option<bool>,
+    host: Option<String>,
+    upgrade_protocols: Option<Vec<String>>,
+    max_body: Option<Size>,
+    set_headers: Option<BTreeMap<String, String>>,
+    remove_headers: Option<Vec<String>>,
+    timeouts: Option<RouteTimeouts>,
+}
+
+/// The timeouts a server or route may set for its exchanges and tunnels.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTimeouts {
+    connect: Option<Dur>,
+    read: Option<Dur>,
+    send: Option<Dur>,
+    client_body: Option<Dur>,
+    tunnel_idle: Option<Dur>,
+    tunnel_lifetime: Option<Dur>,
+    fin: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +437,85 @@ impl Settings {
             "trusted_proxies = {}",
             list(c.trusted_proxies.iter().map(|n| format!("{n:?}")).collect())
         );
+        s.push_str(&self.routing_table());
+        s
+    }
+
+    /// The resolved routing table, as TOML comments: every group with its method and servers,
+    /// then every virtual host with its listeners, names and routes.
+    pub fn routing_table(&self) -> String {
+        let c = &self.config;
+        let mut s = String::from("\n# routing table\n");
+        for g in c.all_groups() {
+            if g.servers.is_empty() {
+                continue;
+            }
+            let method = match &g.method {
+                BalanceMethod::LeastConn => "least_conn".to_owned(),
+                BalanceMethod::IpHash => "ip_hash".to_owned(),
+                BalanceMethod::Hash(_) => "hash (consistent)".to_owned(),
+                _ => "round_robin".to_owned(),
+            };
+            let _ = writeln!(s, "# group {} ({method}):", g.name);
+            for srv in &g.servers {
+                let mut extra = format!("weight={}", srv.weight);
+                if srv.max_conns > 0 {
+                    let _ = write!(extra, " max_conns={}", srv.max_conns);
+                }
+                let _ = write!(
+                    extra,
+                    " max_fails={} fail_timeout={}",
+                    srv.max_fails,
+                    format_duration(srv.fail_timeout)
+                );
+                if srv.backup {
+                    extra.push_str(" backup");
+                }
+                let _ = writeln!(s, "#   {} {extra}", srv.peer);
+            }
+        }
+        if c.virtual_hosts.is_empty() {
+            let _ = writeln!(s, "# every request -> group default");
+        }
+        for vh in &c.virtual_hosts {
+            let names: Vec<String> = vh
+                .names
+                .iter()
+                .map(|n| match n {
+                    ServerName::Exact(e) => e.clone(),
+                    ServerName::Suffix(x) => format!("*{x}"),
+                    _ => "_".to_owned(),
+                })
+                .collect();
+            let listen: Vec<String> = vh.listen.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                s,
+                "# server {} on {}",
+                if names.is_empty() {
+                    "_".to_owned()
+                } else {
+                    names.join(" ")
+                },
+                if listen.is_empty() {
+                    "every listener".to_owned()
+                } else {
+                    listen.join(", ")
+                }
+            );
+            for r in &vh.routes {
+                let path = match &r.path {
+                    PathMatch::Exact(p) => format!("= {p}"),
+                    PathMatch::Prefix(p) => p.clone(),
+                    _ => "?".to_owned(),
+                };
+                let strip = if r.strip_prefix {
+                    " (prefix stripped)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(s, "#   {path} -> group {}{strip}", r.group);
+            }
+        }
         s
     }
 }
@@ -290,24 +525,51 @@ fn build(
     flags: &Overrides,
     at: &dyn Fn(&str, String) -> SettingsError,
 ) -> Result<Settings, SettingsError> {
-    let upstream = file.upstream.unwrap_or_default();
-    let peer_strings = if flags.upstream.is_empty() {
-        upstream.peers.unwrap_or_default()
+    let mut upstream = file.upstream.unwrap_or_default();
+    let servers = file.server.unwrap_or_default();
+    let default_group = if flags.upstream.is_empty() {
+        group_from(
+            "upstream",
+            upstream.peers.take(),
+            upstream.servers.take(),
+            upstream.method.take(),
+            upstream.hash.take(),
+            upstream.tries,
+            upstream.try_timeout,
+            at,
+        )?
     } else {
-        flags.upstream.clone()
+        group_from(
+            "upstream",
+            Some(flags.upstream.clone()),
+            None,
+            upstream.method.take(),
+            upstream.hash.take(),
+            upstream.tries,
+            upstream.try_timeout,
+            at,
+        )?
     };
-    if peer_strings.is_empty() {
+    if default_group.servers.is_empty() && servers.is_empty() {
         return Err(SettingsError(
-            "no upstream: give --upstream HOST:PORT (repeatable) or [upstream] peers in the config file".to_owned(),
+            "no upstream: give --upstream HOST:PORT (repeatable), [upstream] peers in the config file, or [[server]] routes to [upstream.NAME] groups".to_owned(),
         ));
     }
-    let mut peers = Vec::new();
-    for (i, p) in peer_strings.iter().enumerate() {
-        let peer = Peer::parse(p)
-            .map_err(|e| at("peers", format!("upstream.peers[{i}]: {}", e.expected)))?;
-        peers.push(peer);
+    let mut config = Config::new(default_group);
+    for (name, g) in std::mem::take(&mut upstream.groups) {
+        let field = format!("upstream.{name}");
+        let group = group_from(
+            &field,
+            g.peers,
+            g.servers,
+            g.method,
+            g.hash,
+            g.tries,
+            g.try_timeout,
+            at,
+        )?;
+        config.groups.push(group.named(&name));
     }
-    let mut config = Config::new(UpstreamGroup::new(peers));
 
     let t = file.timeouts.unwrap_or_default();
     let ct = &mut config.timeouts;
@@ -369,11 +631,7 @@ fn build(
 
     let h = file.http.unwrap_or_default();
     if let Some(host) = h.host {
-        config.host = match host.as_str() {
-            "$host" => HostPolicy::Client,
-            "$proxy_host" => HostPolicy::Upstream,
-            literal => HostPolicy::Literal(literal.to_owned()),
-        };
+        config.host = host_policy(&host);
     }
     if let Some(nets) = h.trusted_proxies {
         for (i, n) in nets.iter().enumerate() {
@@ -392,13 +650,18 @@ fn build(
     if let Some(b) = h.check_websocket_accept {
         config.check_websocket_accept = b;
     }
-    for name in h.remove_headers.unwrap_or_default() {
-        config.headers.push(HeaderRule::Remove { name });
-    }
-    for (name, value) in h.set_headers.unwrap_or_default() {
-        let value = Template::parse(&value)
-            .map_err(|e| at(&name, format!("http.set_headers.{name}: {}", e.expected)))?;
-        config.headers.push(HeaderRule::Set { name, value });
+    push_header_rules(
+        &mut config.headers,
+        "http",
+        h.set_headers,
+        h.remove_headers,
+        at,
+    )?;
+    let mut server_listen = Vec::new();
+    for (i, block) in servers.into_iter().enumerate() {
+        let (vh, listen) = virtual_host_from(i, block, &config, at)?;
+        config.virtual_hosts.push(vh);
+        server_listen.extend(listen);
     }
     config.validate().map_err(|e| {
         let key = e
@@ -416,8 +679,11 @@ fn build(
     let listen_strings = if !flags.listen.is_empty() {
         flags.listen.clone()
     } else {
-        file.listen
-            .unwrap_or_else(|| vec!["127.0.0.1:8080".to_owned()])
+        match file.listen {
+            Some(l) => l,
+            None if !server_listen.is_empty() => Vec::new(),
+            None => vec!["127.0.0.1:8080".to_owned()],
+        }
     };
     let mut listen = Vec::new();
     for (i, a) in listen_strings.iter().enumerate() {
@@ -428,6 +694,12 @@ fn build(
             )
         })?;
         listen.push(addr);
+    }
+    // A server block's listen addresses are bound too (once each).
+    for addr in server_listen {
+        if !listen.contains(&addr) {
+            listen.push(addr);
+        }
     }
     let workers = flags
         .workers
@@ -458,6 +730,220 @@ fn build(
             .unwrap_or(Duration::from_secs(60)),
         pool_max_idle: upstream.pool_max_idle.unwrap_or(32),
     })
+}
+
+/// One upstream group from its keys; `field` names it in errors (`upstream`, `upstream.chat`).
+#[allow(clippy::too_many_arguments)]
+fn group_from(
+    field: &str,
+    peers: Option<Vec<String>>,
+    servers: Option<Vec<ServerSpec>>,
+    method: Option<String>,
+    hash: Option<String>,
+    tries: Option<u32>,
+    try_timeout: Option<Dur>,
+    at: &dyn Fn(&str, String) -> SettingsError,
+) -> Result<UpstreamGroup, SettingsError> {
+    let mut list = Vec::new();
+    for (i, p) in peers.unwrap_or_default().iter().enumerate() {
+        let peer = Peer::parse(p)
+            .map_err(|e| at("peers", format!("{field}.peers[{i}]: {}", e.expected)))?;
+        list.push(UpstreamServer::new(peer));
+    }
+    for (i, spec) in servers.unwrap_or_default().into_iter().enumerate() {
+        let server = match spec {
+            ServerSpec::Addr(a) => UpstreamServer::new(
+                Peer::parse(&a)
+                    .map_err(|e| at("servers", format!("{field}.servers[{i}]: {}", e.expected)))?,
+            ),
+            ServerSpec::Full(t) => {
+                let peer = Peer::parse(&t.addr).map_err(|e| {
+                    at("addr", format!("{field}.servers[{i}].addr: {}", e.expected))
+                })?;
+                let mut server = UpstreamServer::new(peer);
+                if let Some(w) = t.weight {
+                    server.weight = w;
+                }
+                if let Some(m) = t.max_conns {
+                    server.max_conns = m;
+                }
+                if let Some(m) = t.max_fails {
+                    server.max_fails = m;
+                }
+                if let Some(Dur(d)) = t.fail_timeout {
+                    server.fail_timeout = d;
+                }
+                server.backup = t.backup.unwrap_or(false);
+                server
+            }
+        };
+        list.push(server);
+    }
+    let mut group = UpstreamGroup::with_servers(list);
+    group.method = match (method.as_deref(), hash) {
+        (None | Some("round_robin"), None) => BalanceMethod::RoundRobin,
+        (Some("least_conn"), None) => BalanceMethod::LeastConn,
+        (Some("ip_hash"), None) => BalanceMethod::IpHash,
+        (None | Some("hash"), Some(key)) => BalanceMethod::Hash(
+            HashKey::parse(&key)
+                .map_err(|e| at("hash", format!("{field}.hash: {}", e.expected)))?,
+        ),
+        (Some("hash"), None) => {
+            return Err(at(
+                "method",
+                format!("{field}.method: \"hash\" needs a `hash` key such as \"$arg_room\""),
+            ))
+        }
+        (Some(m), _) => {
+            return Err(at(
+                "method",
+                format!(
+                    "{field}.method: one of \"round_robin\", \"least_conn\", \"ip_hash\", \"hash\", got {m:?}"
+                ),
+            ))
+        }
+    };
+    if let Some(t) = tries {
+        group.tries = t;
+    }
+    if let Some(Dur(d)) = try_timeout {
+        group.try_timeout = d;
+    }
+    Ok(group)
+}
+
+fn host_policy(host: &str) -> HostPolicy {
+    match host {
+        "$host" => HostPolicy::Client,
+        "$proxy_host" => HostPolicy::Upstream,
+        literal => HostPolicy::Literal(literal.to_owned()),
+    }
+}
+
+/// Header rules from `set_headers` / `remove_headers` of `field`, appended to `rules`.
+fn push_header_rules(
+    rules: &mut Vec<HeaderRule>,
+    field: &str,
+    set: Option<BTreeMap<String, String>>,
+    remove: Option<Vec<String>>,
+    at: &dyn Fn(&str, String) -> SettingsError,
+) -> Result<(), SettingsError> {
+    for name in remove.unwrap_or_default() {
+        rules.push(HeaderRule::Remove { name });
+    }
+    for (name, value) in set.unwrap_or_default() {
+        let value = Template::parse(&value)
+            .map_err(|e| at(&name, format!("{field}.set_headers.{name}: {}", e.expected)))?;
+        rules.push(HeaderRule::Set { name, value });
+    }
+    Ok(())
+}
+
+/// The timeouts for a route: the global ones, then the server's, then the route's; `None` when
+/// neither sets any (the route uses the global table).
+fn layered_timeouts(base: &Timeouts, layers: [&Option<RouteTimeouts>; 2]) -> Option<Timeouts> {
+    if layers.iter().all(|l| l.is_none()) {
+        return None;
+    }
+    let mut t = base.clone();
+    for layer in layers.into_iter().flatten() {
+        for (slot, v) in [
+            (&mut t.connect, layer.connect),
+            (&mut t.read, layer.read),
+            (&mut t.send, layer.send),
+            (&mut t.client_body, layer.client_body),
+            (&mut t.tunnel_idle, layer.tunnel_idle),
+            (&mut t.fin, layer.fin),
+        ] {
+            if let Some(Dur(d)) = v {
+                *slot = d;
+            }
+        }
+        if let Some(Dur(d)) = layer.tunnel_lifetime {
+            t.tunnel_lifetime = (!d.is_zero()).then_some(d);
+        }
+    }
+    Some(t)
+}
+
+/// One `[[server]]` block: the virtual host, and the addresses it asks to listen on. Route
+/// settings override the server's, which override the globals; header edits add to the
+/// global ones (unlike nginx, where a `proxy_set_header` inside a location drops every
+/// inherited one).
+fn virtual_host_from(
+    i: usize,
+    block: ServerBlock,
+    config: &Config,
+    at: &dyn Fn(&str, String) -> SettingsError,
+) -> Result<(VirtualHost, Vec<SocketAddr>), SettingsError> {
+    let field = format!("server[{i}]");
+    let mut listen = Vec::new();
+    for (j, a) in block.listen.unwrap_or_default().iter().enumerate() {
+        listen.push(a.parse::<SocketAddr>().map_err(|_| {
+            at(
+                "listen",
+                format!("{field}.listen[{j}]: an address such as 0.0.0.0:8080, got {a:?}"),
+            )
+        })?);
+    }
+    let mut names = Vec::new();
+    for (j, n) in block.server_names.unwrap_or_default().iter().enumerate() {
+        names.push(ServerName::parse(n).map_err(|e| {
+            at(
+                "server_names",
+                format!("{field}.server_names[{j}]: {}", e.expected),
+            )
+        })?);
+    }
+    if block.route.is_empty() {
+        return Err(at(
+            "server_names",
+            format!("{field}: at least one [[server.route]]"),
+        ));
+    }
+    let mut server_rules = Vec::new();
+    push_header_rules(
+        &mut server_rules,
+        &field,
+        block.set_headers,
+        block.remove_headers,
+        at,
+    )?;
+    let mut routes = Vec::new();
+    for (j, r) in block.route.into_iter().enumerate() {
+        let rfield = format!("{field}.route[{j}]");
+        let path = PathMatch::parse(&r.path)
+            .map_err(|e| at("path", format!("{rfield}.path: {}", e.expected)))?;
+        let group = r.upstream.as_deref().unwrap_or(DEFAULT_GROUP);
+        if config.group_index(group).is_none() {
+            return Err(at(
+                "upstream",
+                format!(
+                    "{rfield}.upstream: \"default\" or a group defined as [upstream.NAME], got {group:?}"
+                ),
+            ));
+        }
+        let mut route = Route::new(path, group);
+        route.strip_prefix = r.strip_prefix.unwrap_or(false);
+        let st = &mut route.settings;
+        st.timeouts = layered_timeouts(&config.timeouts, [&block.timeouts, &r.timeouts]);
+        st.host = r.host.as_deref().or(block.host.as_deref()).map(host_policy);
+        st.upgrade_protocols = r
+            .upgrade_protocols
+            .or_else(|| block.upgrade_protocols.clone())
+            .map(|p| p.into_iter().map(|s| s.to_ascii_lowercase()).collect());
+        st.max_body = r.max_body.or(block.max_body).map(|Size(n)| n);
+        if !server_rules.is_empty() || r.set_headers.is_some() || r.remove_headers.is_some() {
+            let mut rules = config.headers.clone();
+            rules.extend(server_rules.iter().cloned());
+            push_header_rules(&mut rules, &rfield, r.set_headers, r.remove_headers, at)?;
+            st.headers = Some(rules);
+        }
+        routes.push(route);
+    }
+    let mut vh = VirtualHost::new(names, routes);
+    vh.listen = listen.clone();
+    Ok((vh, listen))
 }
 
 pub fn default_workers() -> usize {
@@ -613,5 +1099,131 @@ mod tests {
         )
         .expect_err("h2c");
         assert!(e.contains("line 4") && e.contains("h2c"), "{e}");
+    }
+
+    fn example(name: &str) -> Settings {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name);
+        Settings::load(Some(&path), &Overrides::default())
+            .unwrap_or_else(|e| panic!("examples/{name}: {e}"))
+    }
+
+    #[test]
+    fn the_nginx_translations_load_as_documented() {
+        let s = example("chat-location.toml");
+        let vh = &s.config.virtual_hosts[0];
+        assert_eq!(vh.names, [ServerName::Exact("chat.example.com".into())]);
+        assert_eq!(vh.routes[0].path, PathMatch::Prefix("/chat/".into()));
+        assert!(vh.routes[0].strip_prefix);
+        assert_eq!(vh.routes[0].group, "chat");
+        assert!(
+            s.config.upstream.servers.is_empty(),
+            "no default group needed"
+        );
+
+        let s = example("upstream-group.toml");
+        let g = &s.config.upstream;
+        assert_eq!(g.tries, 3);
+        assert_eq!(
+            g.servers.iter().map(|x| x.weight).collect::<Vec<_>>(),
+            [3, 1, 1, 1]
+        );
+        assert_eq!(g.servers[1].fail_timeout, Duration::from_secs(30));
+        assert_eq!(g.servers[2].max_conns, 500);
+        assert!(g.servers[3].backup);
+
+        let s = example("site-http-and-ws.toml");
+        let routes = &s.config.virtual_hosts[0].routes;
+        assert_eq!(routes[0].settings.upgrade_protocols, Some(vec![]));
+        assert_eq!(routes[1].settings.max_body, Some(10 * 1024 * 1024));
+        assert_eq!(s.config.group_index("ws"), Some(2));
+
+        let s = example("least-conn-ws.toml");
+        assert_eq!(s.config.upstream.method, BalanceMethod::LeastConn);
+        assert_eq!(s.config.upstream.servers[2].weight, 2);
+
+        let s = example("hash-by-room.toml");
+        let rooms = s.config.group(1).expect("the rooms group");
+        assert!(matches!(&rooms.method, BalanceMethod::Hash(_)));
+        let table = s.routing_table();
+        assert!(
+            table.contains("# group rooms (hash (consistent)):"),
+            "{table}"
+        );
+        assert!(table.contains("#   /rooms/ -> group rooms"), "{table}");
+    }
+
+    #[test]
+    fn routes_inherit_server_settings_and_add_header_edits() {
+        let s = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\n[http.set_headers]\nX-Global = \"g\"\n\
+             [[server]]\nhost = \"$proxy_host\"\n[server.timeouts]\nread = \"5s\"\n\
+             [[server.route]]\npath = \"/a\"\n[server.route.timeouts]\nconnect = \"2s\"\n\
+             [server.route.set_headers]\nX-Route = \"r\"\n\
+             [[server.route]]\npath = \"/b\"\nhost = \"b.internal\"\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        let routes = &s.config.virtual_hosts[0].routes;
+        let t = routes[0]
+            .settings
+            .timeouts
+            .as_ref()
+            .expect("layered timeouts");
+        assert_eq!(
+            (t.read, t.connect),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!(t.send, s.config.timeouts.send, "the rest stays global");
+        assert_eq!(routes[0].settings.host, Some(HostPolicy::Upstream));
+        assert_eq!(
+            routes[1].settings.host,
+            Some(HostPolicy::Literal("b.internal".into()))
+        );
+        let names: Vec<&str> = routes[0]
+            .settings
+            .headers
+            .as_ref()
+            .expect("header edits")
+            .iter()
+            .map(|r| match r {
+                HeaderRule::Set { name, .. } | HeaderRule::Remove { name } => name.as_str(),
+                _ => "",
+            })
+            .collect();
+        assert_eq!(names, ["X-Global", "X-Route"]);
+        assert_eq!(
+            routes[1].settings.headers, None,
+            "no edits: the global ones apply"
+        );
+    }
+
+    #[test]
+    fn routing_errors_name_the_line_and_what_was_expected() {
+        let e = load_str(
+            "[upstream.chat]\npeers = [\"127.0.0.1:1\"]\n[[server]]\n[[server.route]]\npath = \"/\"\nupstream = \"nope\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("unknown group");
+        assert!(e.contains("line 6") && e.contains("nope"), "{e}");
+        let e = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\nmethod = \"fastest\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("unknown method");
+        assert!(e.contains("line 3") && e.contains("least_conn"), "{e}");
+        let e = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\nmethod = \"hash\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("hash without a key");
+        assert!(e.contains("$arg_room"), "{e}");
+        let e = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\n[[server]]\n[[server.route]]\npath = \"ws\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("relative path");
+        assert!(e.contains("line 5") && e.contains("path"), "{e}");
     }
 }

@@ -109,7 +109,16 @@ impl Config {
 
     /// Checks the invariants the session relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.upstream.validate("upstream")?;
+        let default_used = self.virtual_hosts.is_empty()
+            || self
+                .virtual_hosts
+                .iter()
+                .flat_map(|vh| &vh.routes)
+                .any(|r| r.group == DEFAULT_GROUP);
+        // The default group may be left empty when only named groups are routed to.
+        if default_used || !self.upstream.servers.is_empty() {
+            self.upstream.validate("upstream")?;
+        }
         for (i, g) in self.groups.iter().enumerate() {
             let field = format!("groups[{i}]");
             if g.name.is_empty() || g.name == DEFAULT_GROUP {

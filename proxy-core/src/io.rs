@@ -71,6 +71,9 @@ impl Scheme {
 pub struct PeerInfo {
     /// The client's address as seen on the socket.
     pub addr: SocketAddr,
+    /// The address of the listener that accepted it, as bound (selects the virtual hosts that
+    /// serve it); `None` when unknown.
+    pub local: Option<SocketAddr>,
     /// How the client reached us.
     pub scheme: Scheme,
 }
@@ -80,8 +83,15 @@ impl PeerInfo {
     pub fn new(addr: SocketAddr) -> Self {
         PeerInfo {
             addr,
+            local: None,
             scheme: Scheme::Http,
         }
+    }
+
+    /// The same client, accepted by the listener bound to `local`.
+    pub fn with_local(mut self, local: SocketAddr) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// The same client, reached over `scheme`.

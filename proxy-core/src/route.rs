@@ -14,6 +14,7 @@
 //!   `/` in the path sent upstream.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 
 use crate::config::{HeaderRule, HostPolicy, Timeouts};
 use crate::error::ConfigError;
@@ -22,6 +23,8 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VirtualHost {
+    /// The listener addresses it serves (as bound, e.g. `0.0.0.0:443`); empty serves all.
+    pub listen: Vec<SocketAddr>,
     /// Names it answers to; empty or [`ServerName::Default`] makes it the default server.
     pub names: Vec<ServerName>,
     /// Its routes, in any order (matching does not depend on it).
@@ -31,7 +34,11 @@ pub struct VirtualHost {
 impl VirtualHost {
     /// A virtual host for `names` (see [`ServerName::parse`]) with `routes`.
     pub fn new(names: Vec<ServerName>, routes: Vec<Route>) -> Self {
-        VirtualHost { names, routes }
+        VirtualHost {
+            listen: Vec::new(),
+            names,
+            routes,
+        }
     }
 }
 
@@ -169,14 +176,22 @@ pub(crate) struct RouteRef {
     pub(crate) group: usize,
 }
 
-/// The virtual host for `host` (a `Host` value, maybe with a port), if any claims it.
-pub(crate) fn virtual_host(hosts: &[VirtualHost], host: Option<&[u8]>) -> Option<usize> {
+/// The virtual host for `host` (a `Host` value, maybe with a port) among those serving the
+/// listener at `local` (`None`: the listener is unknown, every virtual host serves it).
+pub(crate) fn virtual_host(
+    hosts: &[VirtualHost],
+    local: Option<SocketAddr>,
+    host: Option<&[u8]>,
+) -> Option<usize> {
+    let serves =
+        |vh: &VirtualHost| vh.listen.is_empty() || local.is_none_or(|l| vh.listen.contains(&l));
     let name = host.map(strip_port);
     let exact = name.and_then(|n| {
         hosts.iter().position(|vh| {
-            vh.names
-                .iter()
-                .any(|s| matches!(s, ServerName::Exact(e) if e.as_bytes().eq_ignore_ascii_case(n)))
+            serves(vh)
+                && vh.names.iter().any(
+                    |s| matches!(s, ServerName::Exact(e) if e.as_bytes().eq_ignore_ascii_case(n)),
+                )
         })
     });
     if exact.is_some() {
@@ -186,6 +201,7 @@ pub(crate) fn virtual_host(hosts: &[VirtualHost], host: Option<&[u8]>) -> Option
         hosts
             .iter()
             .enumerate()
+            .filter(|(_, vh)| serves(vh))
             .flat_map(|(i, vh)| vh.names.iter().map(move |s| (i, s)))
             .filter_map(|(i, s)| match s {
                 ServerName::Suffix(suffix) if ends_with_ci(n, suffix.as_bytes()) => {
@@ -199,10 +215,10 @@ pub(crate) fn virtual_host(hosts: &[VirtualHost], host: Option<&[u8]>) -> Option
     wildcard
         .or_else(|| {
             hosts.iter().position(|vh| {
-                vh.names.is_empty() || vh.names.contains(&ServerName::Default)
+                serves(vh) && (vh.names.is_empty() || vh.names.contains(&ServerName::Default))
             })
         })
-        .or(if hosts.is_empty() { None } else { Some(0) })
+        .or_else(|| hosts.iter().position(serves))
 }
 
 /// The route of `routes` for `path` (origin-form, query included): exact first, then the
@@ -293,15 +309,29 @@ mod tests {
         ];
         for (host, want) in cases {
             assert_eq!(
-                virtual_host(&h, host.map(str::as_bytes)),
+                virtual_host(&h, None, host.map(str::as_bytes)),
                 Some(want),
                 "{host:?}"
             );
         }
         // Without a default server, the first one takes the rest.
         let no_default = &h[..3];
-        assert_eq!(virtual_host(no_default, Some(b"other.test")), Some(0));
-        assert_eq!(virtual_host(&[], Some(b"x")), None);
+        assert_eq!(virtual_host(no_default, None, Some(b"other.test")), Some(0));
+        assert_eq!(virtual_host(&[], None, Some(b"x")), None);
+    }
+
+    #[test]
+    fn a_virtual_host_serves_only_its_listeners() {
+        let mut h = hosts();
+        let tls: SocketAddr = "0.0.0.0:443".parse().expect("addr");
+        let plain: SocketAddr = "0.0.0.0:80".parse().expect("addr");
+        h[0].listen = vec![tls];
+        assert_eq!(virtual_host(&h, Some(tls), Some(b"example.com")), Some(0));
+        assert_eq!(
+            virtual_host(&h, Some(plain), Some(b"example.com")),
+            Some(3),
+            "not served on :80, so the default server takes it"
+        );
     }
 
     fn routes(spec: &[&str]) -> Vec<Route> {

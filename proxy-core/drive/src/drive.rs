@@ -50,13 +50,13 @@ const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 pub(crate) async fn run<R: Runtime>(
     shared: Arc<Shared<R>>,
     socket: R::Socket,
-    addr: SocketAddr,
+    client: PeerInfo,
     guard: TaskGuard,
 ) {
     let session = Session::new(
         Arc::clone(&shared.config),
         Arc::clone(&shared.balancer),
-        PeerInfo::new(addr),
+        client,
         Instant::now(),
     );
     let mut driver = Driver {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use proxy_core::{Balancer, Config, ExchangeLog};
+use proxy_core::{Balancer, Config, ExchangeLog, PeerInfo};
 
 use crate::pool::SharedPool;
 use crate::runtime::{Runtime, Timer};
@@ -97,7 +97,9 @@ pub async fn serve<R: Runtime>(
         .into_iter()
         .map(|l| {
             l.set_nonblocking(true)?;
-            rt.listener(l)
+            // Sessions learn which listener accepted them: virtual hosts can be per listener.
+            let local = l.local_addr().ok();
+            Ok((rt.listener(l)?, local))
         })
         .collect::<io::Result<Vec<_>>>()?;
     let stats = Arc::clone(&options.stats);
@@ -114,9 +116,9 @@ pub async fn serve<R: Runtime>(
         options,
         shutdown: shutdown.clone(),
     });
-    for listener in registered {
+    for (listener, local) in registered {
         let (shared, guard) = (Arc::clone(&shared), stats.task());
-        rt.spawn(accept_loop(shared, listener, guard));
+        rt.spawn(accept_loop(shared, listener, local, guard));
     }
     {
         let (shared, guard) = (Arc::clone(&shared), stats.task());
@@ -149,7 +151,12 @@ pub async fn serve<R: Runtime>(
     Ok(())
 }
 
-async fn accept_loop<R: Runtime>(shared: Arc<Shared<R>>, listener: R::Listener, _guard: TaskGuard) {
+async fn accept_loop<R: Runtime>(
+    shared: Arc<Shared<R>>,
+    listener: R::Listener,
+    local: Option<SocketAddr>,
+    _guard: TaskGuard,
+) {
     let mut stopped = std::pin::pin!(shared.shutdown.triggered());
     let mut backoff: Option<R::Timer> = None;
     poll_fn(|cx| {
@@ -165,7 +172,7 @@ async fn accept_loop<R: Runtime>(shared: Arc<Shared<R>>, listener: R::Listener, 
         for _ in 0..ACCEPTS_PER_POLL {
             match shared.rt.poll_accept(&listener, cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok((socket, addr))) => spawn_connection(&shared, socket, addr),
+                Poll::Ready(Ok((socket, addr))) => spawn_connection(&shared, socket, addr, local),
                 // The peer gave up before we accepted: nothing to do.
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Poll::Ready(Err(e)) => {
@@ -187,10 +194,19 @@ async fn accept_loop<R: Runtime>(shared: Arc<Shared<R>>, listener: R::Listener, 
     // Dropping the listener here closes the port while connections drain.
 }
 
-fn spawn_connection<R: Runtime>(shared: &Arc<Shared<R>>, socket: R::Socket, addr: SocketAddr) {
+fn spawn_connection<R: Runtime>(
+    shared: &Arc<Shared<R>>,
+    socket: R::Socket,
+    addr: SocketAddr,
+    local: Option<SocketAddr>,
+) {
     sys::configure(&socket);
     let guard = shared.options.stats.connection();
-    let task = drive::run(Arc::clone(shared), socket, addr, guard);
+    let mut client = PeerInfo::new(addr);
+    if let Some(local) = local {
+        client = client.with_local(local);
+    }
+    let task = drive::run(Arc::clone(shared), socket, client, guard);
     shared.rt.spawn(task);
 }
 

@@ -223,12 +223,13 @@ enum Prepared {
 /// implicit route), a 404 when none matches.
 fn route_request<'c>(
     config: &'c Config,
+    local: Option<std::net::SocketAddr>,
     req: &ParsedRequest<'_>,
 ) -> Result<Option<(usize, usize, &'c Route)>, RequestError> {
     if config.virtual_hosts.is_empty() {
         return Ok(None);
     }
-    let v = virtual_host(&config.virtual_hosts, req.host).ok_or(RequestError::NoRoute)?;
+    let v = virtual_host(&config.virtual_hosts, local, req.host).ok_or(RequestError::NoRoute)?;
     let routes = &config.virtual_hosts[v].routes;
     let r = route_for(routes, req.path).ok_or(RequestError::NoRoute)?;
     Ok(Some((v, r, &routes[r])))
@@ -352,7 +353,7 @@ impl Session {
         // parse → route → serialise: nothing is chosen for a head that fails validation, and
         // nothing is sent before the whole head has been rewritten.
         let prepared = parse_request(&head, slots, &config.limits).and_then(|parsed| {
-            let route = route_request(&config, &parsed)?;
+            let route = route_request(&config, self.client.local, &parsed)?;
             let settings = route.map(|(_, _, r)| &r.settings);
             let max_body = settings
                 .and_then(|s| s.max_body)

@@ -1,0 +1,195 @@
+//! Routing and upstream groups end to end, on every runtime: virtual hosts and locations send
+//! requests and upgrades to their groups, least-connections spreads held WebSockets, backups
+//! serve only when the primaries are down, and a 404 when nothing matches.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use proxy_core::{
+    BalanceMethod, Config, PathMatch, Peer, Route, ServerName, UpstreamGroup, UpstreamServer,
+    VirtualHost,
+};
+use switchyard_tests::origin::{http_fixed, ws_echo};
+use switchyard_tests::{refusing_port, runtime_tests, start_proxy, ProxyHandle, Runtime, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+runtime_tests! {
+    hosts_and_locations_route_to_their_groups,
+    least_conn_spreads_held_websockets,
+    backup_serves_only_when_primaries_are_down,
+}
+
+fn peer(a: SocketAddr) -> Peer {
+    Peer::new(&a.ip().to_string(), a.port())
+}
+
+fn group(name: &str, addrs: &[SocketAddr]) -> UpstreamGroup {
+    UpstreamGroup::new(addrs.iter().copied().map(peer).collect()).named(name)
+}
+
+fn route(path: &str, group: &str) -> Route {
+    Route::new(PathMatch::parse(path).expect("a valid path"), group)
+}
+
+fn host(names: &[&str], routes: Vec<Route>) -> VirtualHost {
+    VirtualHost::new(
+        names
+            .iter()
+            .map(|n| ServerName::parse(n).expect("a valid name"))
+            .collect(),
+        routes,
+    )
+}
+
+/// One request on its own connection; the whole response as text.
+async fn get(proxy: SocketAddr, host: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .expect("connect to the proxy");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("a response within WAIT")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A WebSocket through the proxy with one echoed message; left open.
+async fn ws(
+    proxy: &ProxyHandle,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    let (mut ws, resp) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(proxy.ws_url(path)))
+            .await
+            .expect("the handshake within WAIT")
+            .expect("a genuine 101 through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.expect("send");
+    let echo = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("the echo within WAIT");
+    assert!(matches!(echo, Some(Ok(Message::Text(t))) if t.as_str() == "hello"));
+    ws
+}
+
+async fn close<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.close(None).await.expect("send the close");
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+}
+
+/// The upstream port each finished tunnel or exchange in `events` went to.
+fn ports(proxy: &ProxyHandle, n: usize) -> Vec<u16> {
+    proxy
+        .events
+        .wait_for(n)
+        .iter()
+        .filter_map(|e| e.upstream.as_ref().map(Peer::port))
+        .collect()
+}
+
+/// example.test: `/` to web, `/ws/` to the echo servers (prefix stripped), `= /api` to api;
+/// api.test: everything to api; nothing else is served (no default server: the first takes
+/// unknown hosts).
+async fn hosts_and_locations_route_to_their_groups(rt: Runtime) {
+    let web = http_fixed("web").await;
+    let api = http_fixed("api").await;
+    let echo = ws_echo().await;
+    let mut config = Config::new(UpstreamGroup::new(Vec::new()));
+    config.groups = vec![
+        group("web", &[web]),
+        group("api", &[api]),
+        group("chat", &[echo]),
+    ];
+    let mut chat = route("/ws/", "chat");
+    chat.strip_prefix = true;
+    config.virtual_hosts = vec![
+        host(
+            &["example.test"],
+            vec![route("/", "web"), chat, route("= /api", "api")],
+        ),
+        host(&["api.test", "*.api.test"], vec![route("/v1/", "api")]),
+    ];
+    let proxy = start_proxy(rt, config);
+    let cases = [
+        ("example.test", "/", "web"),
+        ("example.test", "/page", "web"),
+        ("example.test", "/api", "api"),
+        ("example.test", "/api/more", "web"),
+        ("eu.api.test", "/v1/x", "api"),
+        ("other.test", "/", "web"),
+    ];
+    for (host, path, body) in cases {
+        let out = get(proxy.addr, host, path).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with(body),
+            "{host}{path}: {out}"
+        );
+    }
+    let out = get(proxy.addr, "api.test", "/v2/x").await;
+    assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
+    let socket = ws(&proxy, "/ws/room").await;
+    close(socket).await;
+    let events = proxy.events.wait_for(cases.len() + 2);
+    let tunnel = events
+        .iter()
+        .find(|e| e.upgraded)
+        .expect("the tunnel's event");
+    assert_eq!(tunnel.upstream.as_ref().map(Peer::port), Some(echo.port()));
+    proxy.stop();
+}
+
+/// Eight WebSockets held open at once on a least-connections group of two: four each.
+async fn least_conn_spreads_held_websockets(rt: Runtime) {
+    let (a, b) = (ws_echo().await, ws_echo().await);
+    let config =
+        Config::new(UpstreamGroup::new(vec![peer(a), peer(b)]).method(BalanceMethod::LeastConn));
+    let proxy = start_proxy(rt, config);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(ws(&proxy, "/").await);
+    }
+    for socket in held {
+        close(socket).await;
+    }
+    let ports = ports(&proxy, 8);
+    let on_a = ports.iter().filter(|p| **p == a.port()).count();
+    assert_eq!((on_a, ports.len() - on_a), (4, 4), "{ports:?}");
+    proxy.stop();
+}
+
+/// A backup server is used only while the primary cannot be reached.
+async fn backup_serves_only_when_primaries_are_down(rt: Runtime) {
+    let primary = http_fixed("primary").await;
+    let backup = http_fixed("backup").await;
+    let config = Config::new(UpstreamGroup::with_servers(vec![
+        UpstreamServer::new(peer(primary)),
+        UpstreamServer::new(peer(backup)).backup(),
+    ]));
+    let proxy = start_proxy(rt, config);
+    for _ in 0..4 {
+        assert!(get(proxy.addr, "x", "/").await.ends_with("primary"));
+    }
+    proxy.stop();
+
+    let dead = refusing_port();
+    let config = Config::new(UpstreamGroup::with_servers(vec![
+        UpstreamServer::new(peer(dead.addr)),
+        UpstreamServer::new(peer(backup)).backup(),
+    ]));
+    let proxy = start_proxy(rt, config);
+    for _ in 0..4 {
+        assert!(get(proxy.addr, "x", "/").await.ends_with("backup"));
+    }
+    proxy.stop();
+}
