@@ -95,7 +95,9 @@
 //!
 //! * [`config`] — the plain-data configuration and its defaults.
 //! * [`Session`] — the state machine; its module docs draw the lifecycle.
-//! * [`Balancer`] — the shared peer-choice state.
+//! * [`VirtualHost`], [`Route`] — routing by `Host` and path (nginx `server` / `location`).
+//! * [`Balancer`] — the shared server-choice state of every [`UpstreamGroup`]: the balancing
+//!   methods, passive health and failover accounting.
 //! * [`IdlePool`] — upstream keep-alive pool bookkeeping, shared by every adapter.
 //!
 //! The async drive loop that switchyard's own adapters run (futures, wakers, sockets) is not
