@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proxy_core::{
-    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, Route,
-    ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost, DEFAULT_GROUP,
+    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, ProxyProtocol,
+    Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost,
+    DEFAULT_GROUP,
 };
 use serde::Deserialize;
 
@@ -76,6 +77,18 @@ struct File {
     http: Option<HttpSection>,
     /// `[[server]]` blocks: virtual hosts and their routes.
     server: Option<Vec<ServerBlock>>,
+    proxy_protocol: Option<ProxyProtocolSection>,
+}
+
+/// `[proxy_protocol]`: listeners behind an L4 balancer (nginx `listen ... proxy_protocol` with
+/// `set_real_ip_from`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyProtocolSection {
+    /// Listener addresses that require the header; absent means every listener.
+    listen: Option<Vec<String>>,
+    /// Balancers allowed to send it.
+    trusted: Vec<String>,
 }
 
 /// `[upstream]`: the default group's servers and method, the pool, and (as sub-tables,
@@ -435,7 +448,7 @@ impl Settings {
         let _ = writeln!(
             s,
             "trusted_proxies = {}",
-            list(c.trusted_proxies.iter().map(|n| format!("{n:?}")).collect())
+            list(c.trusted_proxies.iter().map(ToString::to_string).collect())
         );
         s.push_str(&self.routing_table());
         s
@@ -473,6 +486,26 @@ impl Settings {
                 }
                 let _ = writeln!(s, "#   {} {extra}", srv.peer);
             }
+        }
+        if let Some(pp) = &c.proxy_protocol {
+            let on = if pp.listeners.is_empty() {
+                "every listener".to_owned()
+            } else {
+                pp.listeners
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "# PROXY protocol required on {on}, from {}",
+                pp.trusted
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         if c.virtual_hosts.is_empty() {
             let _ = writeln!(s, "# every request -> group default");
@@ -657,6 +690,34 @@ fn build(
         h.remove_headers,
         at,
     )?;
+    if let Some(pp) = file.proxy_protocol {
+        let mut trusted = Vec::new();
+        for (i, n) in pp.trusted.iter().enumerate() {
+            trusted.push(IpNet::parse(n).map_err(|e| {
+                at(
+                    "trusted",
+                    format!("proxy_protocol.trusted[{i}]: {}", e.expected),
+                )
+            })?);
+        }
+        if trusted.is_empty() {
+            return Err(at(
+                "trusted",
+                "proxy_protocol.trusted: the balancers' addresses (IPs or CIDR networks)"
+                    .to_owned(),
+            ));
+        }
+        let mut policy = ProxyProtocol::new(trusted);
+        for (i, a) in pp.listen.unwrap_or_default().iter().enumerate() {
+            policy.listeners.push(a.parse().map_err(|_| {
+                at(
+                    "listen",
+                    format!("proxy_protocol.listen[{i}]: a listen address, got {a:?}"),
+                )
+            })?);
+        }
+        config.proxy_protocol = Some(policy);
+    }
     let mut server_listen = Vec::new();
     for (i, block) in servers.into_iter().enumerate() {
         let (vh, listen) = virtual_host_from(i, block, &config, at)?;
@@ -1225,5 +1286,29 @@ mod tests {
         )
         .expect_err("relative path");
         assert!(e.contains("line 5") && e.contains("path"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_section() {
+        let s = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\n[proxy_protocol]\nlisten = [\"0.0.0.0:8443\"]\ntrusted = [\"10.0.0.0/8\"]\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        let pp = s.config.proxy_protocol.as_ref().expect("required");
+        assert_eq!(
+            pp.listeners,
+            ["0.0.0.0:8443".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(pp.trusted[0].to_string(), "10.0.0.0/8");
+        assert!(s
+            .routing_table()
+            .contains("PROXY protocol required on 0.0.0.0:8443, from 10.0.0.0/8"));
+        let e = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\n[proxy_protocol]\ntrusted = [\"somewhere\"]\n",
+            &Overrides::default(),
+        )
+        .expect_err("bad network");
+        assert!(e.contains("line 4") && e.contains("trusted"), "{e}");
     }
 }

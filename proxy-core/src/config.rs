@@ -28,7 +28,7 @@
 //! | `limits.queue` | 64 KiB | — | unacknowledged bytes per direction before the source stops being read |
 //! | `limits.max_requests` | 1000 | `keepalive_requests` | requests per client connection |
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,37 @@ pub struct Config {
     pub upgrade_protocols: Vec<String>,
     /// Verify `Sec-WebSocket-Accept` on websocket `101`s (on by default).
     pub check_websocket_accept: bool,
+    /// Listeners behind an L4 balancer that sends a PROXY protocol header (nginx
+    /// `listen ... proxy_protocol`); `None` for none.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Which connections must start with a PROXY protocol header (v1 or v2), and from whom it is
+/// believed. The client address it carries replaces the socket's everywhere (`$remote_addr`,
+/// `X-Forwarded-For`, IP hash). A connection without a valid header, or from a source not in
+/// `trusted`, is closed without an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProxyProtocol {
+    /// The listener addresses (as bound) that require it; empty means every listener.
+    pub listeners: Vec<SocketAddr>,
+    /// The balancers allowed to send it.
+    pub trusted: Vec<IpNet>,
+}
+
+impl ProxyProtocol {
+    /// Every listener requires the header, from these sources.
+    pub fn new(trusted: Vec<IpNet>) -> Self {
+        ProxyProtocol {
+            listeners: Vec::new(),
+            trusted,
+        }
+    }
+
+    /// Whether a connection accepted by the listener at `local` must start with the header.
+    pub fn applies_to(&self, local: Option<SocketAddr>) -> bool {
+        self.listeners.is_empty() || local.is_some_and(|l| self.listeners.contains(&l))
+    }
 }
 
 impl Config {
@@ -79,6 +110,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             upgrade_protocols: vec!["websocket".to_owned()],
             check_websocket_accept: true,
+            proxy_protocol: None,
         }
     }
 
@@ -778,6 +810,13 @@ impl Template {
 pub struct IpNet {
     addr: IpAddr,
     prefix: u8,
+}
+
+/// `addr/prefix`, as [`IpNet::parse`] reads it.
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 impl IpNet {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::Peer;
 use crate::error::{RequestError, ResponseError};
 use crate::io::ConnectError;
+use crate::proxy_protocol::ProxyError;
 use crate::timer::Timer;
 
 /// A report from a session: one per finished exchange or tunnel, and the moments balancing and
@@ -123,6 +124,10 @@ pub enum CloseReason {
     /// allowed; the session refuses to hold them.
     #[error("input overflow")]
     Overflow,
+    /// A listener requiring the PROXY protocol got no valid header, or got it from an
+    /// untrusted source (`None`); the connection was closed without an answer.
+    #[error("PROXY protocol: {}", match .0 { Some(e) => e.to_string(), None => "untrusted source".to_owned() })]
+    ProxyProtocol(Option<ProxyError>),
     /// Every upstream server was busy (at `max_conns`): the request was not sent.
     #[error("no upstream server available")]
     NoUpstream,

@@ -114,6 +114,7 @@ mod fields;
 mod head;
 mod io;
 mod pool;
+pub mod proxy_protocol;
 mod request;
 mod response;
 mod route;
@@ -123,8 +124,8 @@ mod upgrade;
 
 pub use balance::{key_hash, Balancer, Choice};
 pub use config::{
-    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer, Template,
-    Timeouts, UpstreamGroup, UpstreamServer, Variable, DEFAULT_GROUP,
+    BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer,
+    ProxyProtocol, Template, Timeouts, UpstreamGroup, UpstreamServer, Variable, DEFAULT_GROUP,
 };
 pub use error::{ConfigError, RequestError, ResponseError};
 pub use event::{CloseReason, Event, ExchangeLog};

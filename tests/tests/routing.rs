@@ -19,6 +19,7 @@ runtime_tests! {
     hosts_and_locations_route_to_their_groups,
     least_conn_spreads_held_websockets,
     backup_serves_only_when_primaries_are_down,
+    proxy_protocol_sets_the_client_address,
 }
 
 fn peer(a: SocketAddr) -> Peer {
@@ -191,5 +192,45 @@ async fn backup_serves_only_when_primaries_are_down(rt: Runtime) {
     for _ in 0..4 {
         assert!(get(proxy.addr, "x", "/").await.ends_with("backup"));
     }
+    proxy.stop();
+}
+
+/// Behind an L4 balancer: the PROXY header's address is the client's (in `X-Forwarded-For`),
+/// and a connection without the header gets no answer at all.
+async fn proxy_protocol_sets_the_client_address(rt: Runtime) {
+    let origin = switchyard_tests::origin::http_origin(std::sync::Arc::new(
+        |_req: &switchyard_tests::origin::SeenRequest| {
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
+        },
+    ))
+    .await;
+    let mut config = Config::new(UpstreamGroup::new(vec![peer(origin.addr)]));
+    config.proxy_protocol = Some(proxy_core::ProxyProtocol::new(vec![
+        proxy_core::IpNet::parse("127.0.0.1").expect("a network"),
+    ]));
+    let proxy = start_proxy(rt, config);
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("a response within WAIT")
+        .expect("read");
+    assert!(
+        out.ends_with(b"\r\n\r\nok"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    drop(s);
+    let seen = origin.seen();
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("203.0.113.9"));
+
+    let out = get(proxy.addr, "x", "/").await;
+    assert!(out.is_empty(), "no header, no answer: {out:?}");
+    assert_eq!(origin.seen().len(), 1, "nothing reached the origin");
     proxy.stop();
 }

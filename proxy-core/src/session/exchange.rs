@@ -21,6 +21,7 @@ use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::fields::{header_slots, STACK_HEADERS};
 use crate::head::HeadLimit;
 use crate::io::{ConnectError, Output, Side, UpstreamId};
+use crate::proxy_protocol::ProxyError;
 use crate::request::{
     check_body_limit, hash_key, parse_request, serialise, ParsedRequest, Request, RequestContext,
 };
@@ -235,6 +236,16 @@ fn route_request<'c>(
     Ok(Some((v, r, &routes[r])))
 }
 
+/// An exchange that only exists to be logged (a connection closed before any request).
+pub(super) fn refused_exchange(
+    bytes: u64,
+    now: Instant,
+    sent_at_start: u64,
+    client: &crate::io::PeerInfo,
+) -> Exchange {
+    Exchange::refused(String::new(), bytes, now, sent_at_start, client)
+}
+
 /// The first line of a head, for logging a refused request.
 fn first_line(head: &[u8]) -> String {
     let line = head
@@ -248,6 +259,9 @@ fn first_line(head: &[u8]) -> String {
 impl Session {
     /// Idle: feed queued client bytes to the head reader; start an exchange on a complete head.
     pub(super) fn step_idle(&mut self) -> bool {
+        if !self.take_proxy_header() {
+            return false;
+        }
         let Some(mut chunk) = self.client_rx.pop_front() else {
             if self.client_eof {
                 self.on_idle_eof();
@@ -310,6 +324,11 @@ impl Session {
 
     pub(super) fn on_idle_timeout(&mut self, timer: Timer) {
         if !matches!(self.state, State::Idle) {
+            return;
+        }
+        if self.proxy_header.is_some() {
+            // A balancer that never finished its header gets no HTTP answer.
+            self.proxy_failed(ProxyError::Missing);
             return;
         }
         if timer == Timer::RequestHead && (!self.request_head.is_empty() || self.client_rx_len > 0)

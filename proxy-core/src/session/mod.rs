@@ -40,6 +40,7 @@ use crate::config::{Config, Peer, Timeouts};
 use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::head::HeadReader;
 use crate::io::{Input, Output, PeerInfo, Side, UpstreamId};
+use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::route::{Route, RouteRef};
 use crate::timer::{Timer, TimerTable};
 
@@ -85,6 +86,8 @@ pub struct Session {
     /// Requests started on this connection.
     requests: u32,
     exchange: Option<Exchange>,
+    /// `Some` while the PROXY protocol header is awaited: the bytes of it seen so far.
+    proxy_header: Option<Vec<u8>>,
     /// Small allocations (chunk-size lines) are carved out of this buffer.
     scratch: BytesMut,
     /// Reused between calls so that decoding a body allocates nothing.
@@ -129,7 +132,16 @@ impl Session {
     ) -> Self {
         let mut timers = TimerTable::new(now);
         timers.arm(Timer::RequestHead, now, config.timeouts.request_head);
-        Session {
+        let proxied = config
+            .proxy_protocol
+            .as_ref()
+            .filter(|p| p.applies_to(client.local));
+        let trusted = proxied.map(|p| {
+            let ip = client.addr.ip();
+            p.trusted.iter().any(|n| n.contains(ip))
+        });
+        let awaits_header = proxied.is_some();
+        let mut session = Session {
             config,
             balancer,
             client,
@@ -149,10 +161,15 @@ impl Session {
             route: RouteRef { at: None, group: 0 },
             requests: 0,
             exchange: None,
+            proxy_header: awaits_header.then(Vec::new),
             scratch: BytesMut::new(),
             pieces: Vec::new(),
             draining: false,
+        };
+        if trusted == Some(false) {
+            session.close_without_answer(CloseReason::ProxyProtocol(None));
         }
+        session
     }
 
     // ---- handle ----
@@ -453,7 +470,64 @@ impl Session {
         }
     }
 
-    /// Ends the session at once: logs the exchange (if any) with `reason`, closes both sides.
+    /// Closes a connection that is not an HTTP client to answer (a PROXY protocol failure),
+    /// logging it with `reason`.
+    fn close_without_answer(&mut self, reason: CloseReason) {
+        let sent = self.sent_total[Side::Client.index()];
+        self.exchange = Some(exchange::refused_exchange(
+            self.client_rx_len as u64,
+            self.now,
+            sent,
+            &self.client,
+        ));
+        self.log_exchange(Some(reason));
+        self.close_all();
+    }
+
+    /// Feeds the awaited PROXY protocol header; true once the session can go on with HTTP
+    /// (the header is complete and applied), false while waiting or after closing.
+    fn take_proxy_header(&mut self) -> bool {
+        let Some(buf) = self.proxy_header.as_mut() else {
+            return true;
+        };
+        while let Some(chunk) = self.client_rx.pop_front() {
+            self.client_rx_len -= chunk.len();
+            let before = buf.len();
+            buf.extend_from_slice(&chunk[..chunk.len().min(proxy_protocol::V2_MAX)]);
+            match proxy_protocol::parse(buf) {
+                Ok(None) => {
+                    if chunk.len() > proxy_protocol::V2_MAX {
+                        return self.proxy_failed(ProxyError::TooLong);
+                    }
+                }
+                Ok(Some((header, len))) => {
+                    // The client's own bytes start after the header, in this chunk.
+                    let rest = chunk.slice((len - before).min(chunk.len())..);
+                    if !rest.is_empty() {
+                        self.client_rx_len += rest.len();
+                        self.client_rx.push_front(rest);
+                    }
+                    if let ProxyHeader::Proxied { source, .. } = header {
+                        self.client.addr = source;
+                    }
+                    self.proxy_header = None;
+                    return true;
+                }
+                Err(e) => return self.proxy_failed(e),
+            }
+        }
+        if self.client_eof {
+            return self.proxy_failed(ProxyError::Missing);
+        }
+        false
+    }
+
+    fn proxy_failed(&mut self, e: ProxyError) -> bool {
+        self.proxy_header = None;
+        self.close_without_answer(CloseReason::ProxyProtocol(Some(e)));
+        false
+    }
+
     fn abort(&mut self, reason: CloseReason) {
         if matches!(self.state, State::Done) {
             return;
