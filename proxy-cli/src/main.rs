@@ -195,6 +195,7 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
     options.drain_timeout = settings.drain_timeout;
     options.pool_idle_timeout = settings.pool_idle_timeout;
     options.pool_max_per_peer = settings.pool_max_idle;
+    options.dns_refresh = settings.dns_refresh;
     options.events = sink;
     let addrs: Vec<String> = listeners
         .iter()

@@ -54,6 +54,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    pub dns_refresh: Duration,
 }
 
 /// A configuration error, ready to print.
@@ -103,6 +104,7 @@ struct UpstreamSection {
     try_timeout: Option<Dur>,
     pool_idle_timeout: Option<Dur>,
     pool_max_idle: Option<usize>,
+    dns_refresh: Option<Dur>,
     /// Every other key is a named group (`[upstream.chat]`).
     groups: BTreeMap<String, GroupSection>,
 }
@@ -134,6 +136,7 @@ impl<'de> Deserialize<'de> for UpstreamSection {
                         "try_timeout" => s.try_timeout = Some(map.next_value()?),
                         "pool_idle_timeout" => s.pool_idle_timeout = Some(map.next_value()?),
                         "pool_max_idle" => s.pool_max_idle = Some(map.next_value()?),
+                        "dns_refresh" => s.dns_refresh = Some(map.next_value()?),
                         _ => {
                             let group: GroupTable = map.next_value()?;
                             s.groups.insert(key, group.0);
@@ -159,7 +162,7 @@ impl<'de> Deserialize<'de> for GroupTable {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(
                     "one of peers, servers, method, hash, tries, try_timeout, pool_idle_timeout, \
-                     pool_max_idle, or an [upstream.NAME] group table",
+                     pool_max_idle, dns_refresh, or an [upstream.NAME] group table",
                 )
             }
 
@@ -402,6 +405,7 @@ impl Settings {
             format_duration(self.pool_idle_timeout)
         );
         let _ = writeln!(s, "pool_max_idle = {}", self.pool_max_idle);
+        let _ = writeln!(s, "dns_refresh = {:?}", format_duration(self.dns_refresh));
         let _ = writeln!(s, "\n[timeouts]");
         for (k, v) in [
             ("connect", t.connect),
@@ -790,6 +794,10 @@ fn build(
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(60)),
         pool_max_idle: upstream.pool_max_idle.unwrap_or(32),
+        dns_refresh: upstream
+            .dns_refresh
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30)),
     })
 }
 

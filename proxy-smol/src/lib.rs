@@ -26,7 +26,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ use async_io::Async;
 use proxy_core::Config;
 use proxy_drive::{BoxFuture, Direction, Runtime, Socket, Timer};
 
-pub use proxy_drive::{EventSink, ServeOptions, Shutdown, Stats};
+pub use proxy_drive::{EventSink, Resolve, ServeOptions, Shutdown, Stats, SystemResolver};
 
 /// A boxed task, as handed to a [`Spawn`].
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -138,13 +138,14 @@ impl Runtime for AsyncIo {
         self.spawner.spawn_task(Box::pin(task));
     }
 
-    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
+    fn lookup(
+        &self,
+        resolver: Arc<dyn Resolve>,
+        host: &str,
+        port: u16,
+    ) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
         let host = host.to_owned();
-        Box::pin(blocking::unblock(move || {
-            (host.as_str(), port)
-                .to_socket_addrs()
-                .map(Iterator::collect)
-        }))
+        Box::pin(blocking::unblock(move || resolver.resolve(&host, port)))
     }
 }
 

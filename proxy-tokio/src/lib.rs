@@ -43,7 +43,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
-pub use proxy_drive::{EventSink, ServeOptions, Shutdown, Stats};
+pub use proxy_drive::{EventSink, Resolve, ServeOptions, Shutdown, Stats, SystemResolver};
 
 /// Serves `listeners` until `shutdown` is triggered and every connection has finished (or the
 /// drain timeout, plus a short grace, has passed). Must run inside a tokio runtime with the
@@ -97,12 +97,17 @@ impl Runtime for Tokio {
         tokio::spawn(task);
     }
 
-    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
+    fn lookup(
+        &self,
+        resolver: Arc<dyn Resolve>,
+        host: &str,
+        port: u16,
+    ) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
         let host = host.to_owned();
         Box::pin(async move {
-            tokio::net::lookup_host((host.as_str(), port))
+            tokio::task::spawn_blocking(move || resolver.resolve(&host, port))
                 .await
-                .map(Iterator::collect)
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
         })
     }
 }

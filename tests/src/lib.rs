@@ -165,7 +165,7 @@ impl std::fmt::Debug for ProxyHandle {
 }
 
 /// Adapter options a test may change.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProxyOptions {
     pub drain_timeout: Duration,
     pub pool_idle_timeout: Duration,
@@ -173,6 +173,21 @@ pub struct ProxyOptions {
     /// Keep every event in [`ProxyHandle::events`]. Off for long runs, where the record itself
     /// would be the growing structure.
     pub record_events: bool,
+    /// A resolver for upstream names instead of the system's (a test seam: no DNS traffic).
+    pub resolver: Option<Arc<dyn proxy_tokio::Resolve>>,
+    /// How often names in use are looked up again.
+    pub dns_refresh: Duration,
+}
+
+impl std::fmt::Debug for ProxyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyOptions")
+            .field("drain_timeout", &self.drain_timeout)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field("pool_max_per_peer", &self.pool_max_per_peer)
+            .field("dns_refresh", &self.dns_refresh)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ProxyOptions {
@@ -182,6 +197,8 @@ impl Default for ProxyOptions {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_per_peer: 32,
             record_events: true,
+            resolver: None,
+            dns_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -203,6 +220,10 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     options.drain_timeout = opts.drain_timeout;
     options.pool_idle_timeout = opts.pool_idle_timeout;
     options.pool_max_per_peer = opts.pool_max_per_peer;
+    options.dns_refresh = opts.dns_refresh;
+    if let Some(resolver) = opts.resolver.clone() {
+        options.resolver = resolver;
+    }
     if opts.record_events {
         options.events = Arc::new(move |log: &ExchangeLog| sink_events.push(log));
     }

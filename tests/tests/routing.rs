@@ -10,7 +10,10 @@ use proxy_core::{
     VirtualHost,
 };
 use switchyard_tests::origin::{http_fixed, ws_echo};
-use switchyard_tests::{refusing_port, runtime_tests, start_proxy, ProxyHandle, Runtime, WAIT};
+use switchyard_tests::{
+    refusing_port, runtime_tests, start_proxy, start_proxy_with, ProxyHandle, ProxyOptions,
+    Runtime, WAIT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -20,6 +23,7 @@ runtime_tests! {
     least_conn_spreads_held_websockets,
     backup_serves_only_when_primaries_are_down,
     proxy_protocol_sets_the_client_address,
+    a_changing_dns_answer_is_followed,
 }
 
 fn peer(a: SocketAddr) -> Peer {
@@ -233,4 +237,90 @@ async fn proxy_protocol_sets_the_client_address(rt: Runtime) {
     assert!(out.is_empty(), "no header, no answer: {out:?}");
     assert_eq!(origin.seen().len(), 1, "nothing reached the origin");
     proxy.stop();
+}
+
+/// An upstream given by name follows its DNS answer: the name moves from one origin to
+/// another (127.0.0.1 -> 127.0.0.2, same port) and requests follow; a lookup that fails keeps
+/// the last good address. The resolver is a test seam: no DNS traffic.
+async fn a_changing_dns_answer_is_followed(rt: Runtime) {
+    let a = http_fixed("A").await;
+    let b_listener = tokio::net::TcpListener::bind(("127.0.0.2", a.port()))
+        .await
+        .or(tokio::net::TcpListener::bind("127.0.0.2:0").await)
+        .expect("a loopback listener on 127.0.0.2");
+    // The port must match A's: the peer's port is part of the configuration, not of DNS.
+    assert_eq!(
+        b_listener.local_addr().expect("addr").port(),
+        a.port(),
+        "port {} taken on 127.0.0.2",
+        a.port()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = b_listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nB",
+                    )
+                    .await;
+            });
+        }
+    });
+    let answer: std::sync::Arc<std::sync::Mutex<std::io::Result<Vec<SocketAddr>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(Ok(vec![a])));
+    let seam = std::sync::Arc::clone(&answer);
+    let resolver = move |host: &str, port: u16| -> std::io::Result<Vec<SocketAddr>> {
+        assert_eq!(host, "backend.test");
+        let current = seam.lock().expect("answer lock");
+        match &*current {
+            Ok(addrs) => Ok(addrs
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), port))
+                .collect()),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    };
+    let opts = ProxyOptions {
+        resolver: Some(std::sync::Arc::new(resolver)),
+        dns_refresh: std::time::Duration::from_millis(20),
+        pool_max_per_peer: 0,
+        ..ProxyOptions::default()
+    };
+    let config = Config::new(UpstreamGroup::new(vec![Peer::new(
+        "backend.test",
+        a.port(),
+    )]));
+    let proxy = start_proxy_with(rt, config, opts);
+    assert!(get(proxy.addr, "x", "/").await.ends_with("A"));
+
+    // The name now points elsewhere: within a few refreshes, requests go there.
+    let b: SocketAddr = ([127, 0, 0, 2], a.port()).into();
+    *answer.lock().expect("answer lock") = Ok(vec![b]);
+    assert!(
+        until_body(&proxy, "B").await,
+        "the new address was never used"
+    );
+
+    // The resolver fails: the last good address (B) stays in use.
+    *answer.lock().expect("answer lock") = Err(std::io::Error::other("SERVFAIL"));
+    for _ in 0..5 {
+        assert!(get(proxy.addr, "x", "/").await.ends_with("B"));
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    proxy.stop();
+}
+
+/// Sends requests until one is answered with `body` (bounded by WAIT).
+async fn until_body(proxy: &ProxyHandle, body: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if get(proxy.addr, "x", "/").await.ends_with(body) {
+            return true;
+        }
+        // The refresh runs in the background on its own clock; there is no event to await.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
 }

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use proxy_core::{ConnectError, Peer, PeerInfo, Session, Side, UpstreamId};
 
+use crate::dns::Lookup;
 use crate::link::{Action, Link};
 use crate::runtime::{BoxFuture, Runtime, Socket, Timer};
 use crate::server::Shared;
@@ -78,14 +79,41 @@ enum Connecting<S> {
     /// Looking up the peer's name.
     Resolving {
         id: UpstreamId,
+        peer: Peer,
         lookup: BoxFuture<io::Result<Vec<SocketAddr>>>,
     },
     /// A non-blocking connect to one address; `rest` are tried if it fails.
     Dialing {
         id: UpstreamId,
         socket: S,
-        rest: std::vec::IntoIter<SocketAddr>,
+        rest: Addrs,
     },
+}
+
+/// The addresses of a name still to try, in order.
+#[derive(Debug, Default)]
+struct Addrs {
+    list: Option<Arc<[SocketAddr]>>,
+    next: usize,
+}
+
+impl From<Arc<[SocketAddr]>> for Addrs {
+    fn from(list: Arc<[SocketAddr]>) -> Self {
+        Addrs {
+            list: Some(list),
+            next: 0,
+        }
+    }
+}
+
+impl Iterator for Addrs {
+    type Item = SocketAddr;
+
+    fn next(&mut self) -> Option<SocketAddr> {
+        let addr = self.list.as_ref()?.get(self.next).copied()?;
+        self.next += 1;
+        Some(addr)
+    }
 }
 
 /// What the current turn registered the task's waker for.
@@ -322,27 +350,37 @@ impl<R: Runtime> Driver<R> {
             }
         }
         match peer.host().parse::<IpAddr>() {
-            Ok(ip) => self.dial(
-                id,
-                SocketAddr::new(ip, peer.port()),
-                Vec::new().into_iter(),
-                now,
-            ),
+            Ok(ip) => self.dial(id, SocketAddr::new(ip, peer.port()), Addrs::default(), now),
             Err(_) => {
-                let lookup = self.shared.rt.resolve(peer.host(), peer.port());
-                self.connecting = Some(Connecting::Resolving { id, lookup });
+                let shared = &self.shared;
+                match shared
+                    .dns
+                    .lookup(&shared.rt, &shared.options.stats, peer, now)
+                {
+                    Lookup::Ready(addrs) => {
+                        let mut addrs = Addrs::from(addrs);
+                        match addrs.next() {
+                            Some(first) => self.dial(id, first, addrs, now),
+                            None => {
+                                let e = io::Error::new(io::ErrorKind::NotFound, "no address");
+                                self.connect_failed(id, ConnectError::Resolve, &e, now);
+                            }
+                        }
+                    }
+                    Lookup::Wait(lookup) => {
+                        self.connecting = Some(Connecting::Resolving {
+                            id,
+                            peer: peer.clone(),
+                            lookup,
+                        });
+                    }
+                }
             }
         }
     }
 
     /// Starts a connect to `addr`, falling through `rest` on immediate failures.
-    fn dial(
-        &mut self,
-        id: UpstreamId,
-        mut addr: SocketAddr,
-        mut rest: std::vec::IntoIter<SocketAddr>,
-        now: Instant,
-    ) {
+    fn dial(&mut self, id: UpstreamId, mut addr: SocketAddr, mut rest: Addrs, now: Instant) {
         loop {
             match sys::start_connect(&self.shared.rt, addr) {
                 Ok(socket) => {
@@ -369,15 +407,18 @@ impl<R: Runtime> Driver<R> {
             return;
         };
         match connecting {
-            Connecting::Resolving { id, lookup } => {
+            Connecting::Resolving { id, peer, lookup } => {
                 let id = *id;
                 let Poll::Ready(result) = lookup.as_mut().poll(cx) else {
                     self.waits.connect = true;
                     return;
                 };
+                if let Ok(addrs) = &result {
+                    self.shared.dns.store(peer, addrs, now);
+                }
                 self.connecting = None;
                 let mut addrs = match result {
-                    Ok(addrs) => addrs.into_iter(),
+                    Ok(addrs) => Addrs::from(Arc::<[SocketAddr]>::from(addrs)),
                     Err(e) => {
                         self.connect_failed(id, ConnectError::Resolve, &e, now);
                         self.perform_actions(now);

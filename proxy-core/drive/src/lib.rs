@@ -30,6 +30,7 @@
 //! * **No protocol decision.** Every decision is the session's; this crate only moves bytes,
 //!   opens connections and keeps time.
 
+mod dns;
 mod drive;
 mod link;
 mod pool;
@@ -38,6 +39,7 @@ mod server;
 mod shutdown;
 mod sys;
 
+pub use dns::{Resolve, SystemResolver};
 pub use runtime::{AsSocketFd, BoxFuture, Direction, Runtime, Socket, Timer};
 pub use server::{serve, EventSink, ServeOptions};
 pub use shutdown::{Shutdown, Stats};

@@ -10,8 +10,11 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use crate::dns::Resolve;
 
 /// A boxed future, for the rare paths where a runtime's own future is the simplest answer
 /// (name resolution).
@@ -46,8 +49,14 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// Runs `task` to completion in the background.
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static);
 
-    /// Resolves a host name off the event loop (name lookup blocks).
-    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>>;
+    /// Runs `resolver` for `host:port` off the event loop (name lookup blocks), on the
+    /// runtime's blocking pool.
+    fn lookup(
+        &self,
+        resolver: Arc<dyn Resolve>,
+        host: &str,
+        port: u16,
+    ) -> BoxFuture<io::Result<Vec<SocketAddr>>>;
 }
 
 /// A non-blocking TCP stream and its readiness, as the runtime's reactor tracks it.

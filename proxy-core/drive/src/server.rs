@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use proxy_core::{Balancer, Config, ExchangeLog, PeerInfo};
 
+use crate::dns::{DnsCache, Resolve, SystemResolver};
 use crate::pool::SharedPool;
 use crate::runtime::{Runtime, Timer};
 use crate::shutdown::{race, Shutdown, Stats, TaskGuard};
@@ -34,6 +35,11 @@ pub struct ServeOptions {
     /// Live gauges of the server. Give each server its own (the default does): the drain waits
     /// for the tasks counted here.
     pub stats: Arc<Stats>,
+    /// Looks up upstream host names (the system resolver by default).
+    pub resolver: Arc<dyn Resolve>,
+    /// How often a name in use is looked up again in the background (nginx `resolver valid=`);
+    /// zero looks it up on every connect. Default 30 s.
+    pub dns_refresh: Duration,
 }
 
 impl Default for ServeOptions {
@@ -44,6 +50,8 @@ impl Default for ServeOptions {
             pool_max_per_peer: 32,
             events: Arc::new(|_| {}),
             stats: Arc::new(Stats::new()),
+            resolver: Arc::new(SystemResolver),
+            dns_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -54,6 +62,7 @@ impl fmt::Debug for ServeOptions {
             .field("drain_timeout", &self.drain_timeout)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("pool_max_per_peer", &self.pool_max_per_peer)
+            .field("dns_refresh", &self.dns_refresh)
             .finish_non_exhaustive()
     }
 }
@@ -67,6 +76,7 @@ pub(crate) struct Shared<R: Runtime> {
     pub(crate) pool: SharedPool<R::Socket>,
     pub(crate) options: ServeOptions,
     pub(crate) shutdown: Shutdown,
+    pub(crate) dns: Arc<DnsCache>,
 }
 
 /// Extra time after the drain timeout before remaining connections are forced closed.
@@ -113,6 +123,10 @@ pub async fn serve<R: Runtime>(
         ),
         rt: rt.clone(),
         config,
+        dns: Arc::new(DnsCache::new(
+            Arc::clone(&options.resolver),
+            options.dns_refresh,
+        )),
         options,
         shutdown: shutdown.clone(),
     });
