@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy_core::health::{HealthCheck, HealthKind};
 use proxy_core::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, ProxyProtocol,
     Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost,
@@ -105,6 +106,7 @@ struct UpstreamSection {
     pool_idle_timeout: Option<Dur>,
     pool_max_idle: Option<usize>,
     dns_refresh: Option<Dur>,
+    health: Option<HealthSection>,
     /// Every other key is a named group (`[upstream.chat]`).
     groups: BTreeMap<String, GroupSection>,
 }
@@ -137,6 +139,7 @@ impl<'de> Deserialize<'de> for UpstreamSection {
                         "pool_idle_timeout" => s.pool_idle_timeout = Some(map.next_value()?),
                         "pool_max_idle" => s.pool_max_idle = Some(map.next_value()?),
                         "dns_refresh" => s.dns_refresh = Some(map.next_value()?),
+                        "health" => s.health = Some(map.next_value()?),
                         _ => {
                             let group: GroupTable = map.next_value()?;
                             s.groups.insert(key, group.0);
@@ -162,7 +165,7 @@ impl<'de> Deserialize<'de> for GroupTable {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(
                     "one of peers, servers, method, hash, tries, try_timeout, pool_idle_timeout, \
-                     pool_max_idle, dns_refresh, or an [upstream.NAME] group table",
+                     pool_max_idle, dns_refresh, health, or an [upstream.NAME] group table",
                 )
             }
 
@@ -188,6 +191,29 @@ struct GroupSection {
     hash: Option<String>,
     tries: Option<u32>,
     try_timeout: Option<Dur>,
+    health: Option<HealthSection>,
+}
+
+/// `health = { check = "http", path = "/healthz", expect = "200-399", interval = "5s",
+/// timeout = "2s", fails = 2, passes = 1 }` (or `check = "tcp"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    check: String,
+    path: Option<String>,
+    expect: Option<StatusSpec>,
+    interval: Option<Dur>,
+    timeout: Option<Dur>,
+    fails: Option<u32>,
+    passes: Option<u32>,
+}
+
+/// `200`, `"200"` or `"200-399"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StatusSpec {
+    One(u16),
+    Text(String),
 }
 
 /// A server of a group: `"host:port"`, or a table with nginx's `server` parameters.
@@ -473,7 +499,18 @@ impl Settings {
                 BalanceMethod::Hash(_) => "hash (consistent)".to_owned(),
                 _ => "round_robin".to_owned(),
             };
-            let _ = writeln!(s, "# group {} ({method}):", g.name);
+            let health = match g.health.as_ref().map(|h| &h.kind) {
+                Some(HealthKind::Tcp) => ", health: tcp".to_owned(),
+                Some(HealthKind::Http { path, expect }) => {
+                    format!(
+                        ", health: GET {path} expecting {}-{}",
+                        expect.start(),
+                        expect.end()
+                    )
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(s, "# group {} ({method}{health}):", g.name);
             for srv in &g.servers {
                 let mut extra = format!("weight={}", srv.weight);
                 if srv.max_conns > 0 {
@@ -564,29 +601,24 @@ fn build(
 ) -> Result<Settings, SettingsError> {
     let mut upstream = file.upstream.unwrap_or_default();
     let servers = file.server.unwrap_or_default();
-    let default_group = if flags.upstream.is_empty() {
-        group_from(
-            "upstream",
-            upstream.peers.take(),
-            upstream.servers.take(),
-            upstream.method.take(),
-            upstream.hash.take(),
-            upstream.tries,
-            upstream.try_timeout,
-            at,
-        )?
-    } else {
-        group_from(
-            "upstream",
-            Some(flags.upstream.clone()),
-            None,
-            upstream.method.take(),
-            upstream.hash.take(),
-            upstream.tries,
-            upstream.try_timeout,
-            at,
-        )?
+    let default_section = GroupSection {
+        peers: if flags.upstream.is_empty() {
+            upstream.peers.take()
+        } else {
+            Some(flags.upstream.clone())
+        },
+        servers: if flags.upstream.is_empty() {
+            upstream.servers.take()
+        } else {
+            None
+        },
+        method: upstream.method.take(),
+        hash: upstream.hash.take(),
+        tries: upstream.tries,
+        try_timeout: upstream.try_timeout,
+        health: upstream.health.take(),
     };
+    let default_group = group_from("upstream", default_section, at)?;
     if default_group.servers.is_empty() && servers.is_empty() {
         return Err(SettingsError(
             "no upstream: give --upstream HOST:PORT (repeatable), [upstream] peers in the config file, or [[server]] routes to [upstream.NAME] groups".to_owned(),
@@ -595,16 +627,7 @@ fn build(
     let mut config = Config::new(default_group);
     for (name, g) in std::mem::take(&mut upstream.groups) {
         let field = format!("upstream.{name}");
-        let group = group_from(
-            &field,
-            g.peers,
-            g.servers,
-            g.method,
-            g.hash,
-            g.tries,
-            g.try_timeout,
-            at,
-        )?;
+        let group = group_from(&field, g, at)?;
         config.groups.push(group.named(&name));
     }
 
@@ -802,17 +825,20 @@ fn build(
 }
 
 /// One upstream group from its keys; `field` names it in errors (`upstream`, `upstream.chat`).
-#[allow(clippy::too_many_arguments)]
 fn group_from(
     field: &str,
-    peers: Option<Vec<String>>,
-    servers: Option<Vec<ServerSpec>>,
-    method: Option<String>,
-    hash: Option<String>,
-    tries: Option<u32>,
-    try_timeout: Option<Dur>,
+    g: GroupSection,
     at: &dyn Fn(&str, String) -> SettingsError,
 ) -> Result<UpstreamGroup, SettingsError> {
+    let GroupSection {
+        peers,
+        servers,
+        method,
+        hash,
+        tries,
+        try_timeout,
+        health,
+    } = g;
     let mut list = Vec::new();
     for (i, p) in peers.unwrap_or_default().iter().enumerate() {
         let peer = Peer::parse(p)
@@ -878,7 +904,63 @@ fn group_from(
     if let Some(Dur(d)) = try_timeout {
         group.try_timeout = d;
     }
+    if let Some(h) = health {
+        group.health = Some(health_from(field, h, at)?);
+    }
     Ok(group)
+}
+
+fn health_from(
+    field: &str,
+    h: HealthSection,
+    at: &dyn Fn(&str, String) -> SettingsError,
+) -> Result<HealthCheck, SettingsError> {
+    let kind = match h.check.as_str() {
+        "tcp" => HealthKind::Tcp,
+        "http" => {
+            let expect = match h.expect {
+                None => 200..=399,
+                Some(StatusSpec::One(n)) => n..=n,
+                Some(StatusSpec::Text(t)) => {
+                    let parse = |s: &str| s.trim().parse::<u16>().ok();
+                    match t.split_once('-') {
+                        Some((a, b)) => parse(a).zip(parse(b)).map(|(a, b)| a..=b),
+                        None => parse(&t).map(|n| n..=n),
+                    }
+                    .ok_or_else(|| {
+                        at(
+                            "expect",
+                            format!("{field}.health.expect: a status such as 200 or \"200-399\", got {t:?}"),
+                        )
+                    })?
+                }
+            };
+            HealthKind::Http {
+                path: h.path.unwrap_or_else(|| "/".to_owned()),
+                expect,
+            }
+        }
+        other => {
+            return Err(at(
+                "check",
+                format!("{field}.health.check: \"tcp\" or \"http\", got {other:?}"),
+            ))
+        }
+    };
+    let mut check = HealthCheck::new(kind);
+    if let Some(Dur(d)) = h.interval {
+        check.interval = d;
+    }
+    if let Some(Dur(d)) = h.timeout {
+        check.timeout = d;
+    }
+    if let Some(n) = h.fails {
+        check.fails = n;
+    }
+    if let Some(n) = h.passes {
+        check.passes = n;
+    }
+    Ok(check)
 }
 
 fn host_policy(host: &str) -> HostPolicy {
@@ -1318,5 +1400,38 @@ mod tests {
         )
         .expect_err("bad network");
         assert!(e.contains("line 4") && e.contains("trusted"), "{e}");
+    }
+
+    #[test]
+    fn health_checks_in_groups() {
+        let s = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\nhealth = { check = \"tcp\", interval = \"1s\" }\n\
+             [upstream.api]\npeers = [\"127.0.0.1:2\"]\nhealth = { check = \"http\", path = \"/healthz\", expect = \"200-299\", fails = 3 }\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        let h = s.config.upstream.health.as_ref().expect("a tcp check");
+        assert_eq!(
+            (h.kind.clone(), h.interval),
+            (HealthKind::Tcp, Duration::from_secs(1))
+        );
+        let h = s.config.groups[0].health.as_ref().expect("an http check");
+        assert_eq!(
+            h.kind,
+            HealthKind::Http {
+                path: "/healthz".into(),
+                expect: 200..=299
+            }
+        );
+        assert_eq!(h.fails, 3);
+        assert!(s
+            .routing_table()
+            .contains("health: GET /healthz expecting 200-299"));
+        let e = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:1\"]\nhealth = { check = \"ping\" }\n",
+            &Overrides::default(),
+        )
+        .expect_err("unknown check");
+        assert!(e.contains("tcp") && e.contains("ping"), "{e}");
     }
 }

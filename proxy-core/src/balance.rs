@@ -25,7 +25,7 @@
 //! the window. `max_conns` is never exceeded. A group of one server is never marked failed.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::config::{BalanceMethod, Config, UpstreamGroup};
@@ -67,6 +67,10 @@ struct ServerState {
     window_start: AtomicU64,
     /// Unavailable until then (nanoseconds after `base`); 0 when available.
     down_until: AtomicU64,
+    /// Failing its active health check.
+    unhealthy: AtomicBool,
+    /// Consecutive health results that disagree with the current state.
+    streak: AtomicU32,
 }
 
 /// What a choice may depend on besides the shared state.
@@ -105,7 +109,9 @@ impl Balancer {
             let cfg = &group.servers[usize::from(i)];
             !c.tried.contains(&i)
                 && (cfg.max_conns == 0 || s.active.load(Ordering::Relaxed) < cfg.max_conns)
-                && (ignore_failures || s.down_until.load(Ordering::Relaxed) <= now)
+                && (ignore_failures
+                    || (s.down_until.load(Ordering::Relaxed) <= now
+                        && !s.unhealthy.load(Ordering::Relaxed)))
         };
         let found = g
             .choose(group, c, |i| usable(i, false))
@@ -202,6 +208,38 @@ impl Balancer {
         if let Some(s) = self.server(gi, server) {
             s.fails.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// One active health check of `server` of group `gi` passed or failed. Returns the
+    /// server's new state when this result changed it (`true`: healthy again).
+    pub fn health_result(
+        &self,
+        config: &Config,
+        gi: usize,
+        server: u16,
+        passed: bool,
+    ) -> Option<bool> {
+        let check = config.group(gi)?.health.as_ref()?;
+        let s = self.server(gi, server)?;
+        let healthy = !s.unhealthy.load(Ordering::Relaxed);
+        if passed == healthy {
+            s.streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = s.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let needed = if healthy { check.fails } else { check.passes };
+        if streak < needed {
+            return None;
+        }
+        s.streak.store(0, Ordering::Relaxed);
+        s.unhealthy.store(!passed, Ordering::Relaxed);
+        Some(passed)
+    }
+
+    /// Whether `server` of group `gi` is failing its active health check.
+    pub fn is_unhealthy(&self, gi: usize, server: u16) -> bool {
+        self.server(gi, server)
+            .is_some_and(|s| s.unhealthy.load(Ordering::Relaxed))
     }
 
     /// Connections counted on `server` of group `gi` now (requests in flight and open
@@ -512,6 +550,36 @@ mod tests {
         assert_eq!(b.pick(&config, 0, &choice(now)), None);
         b.release(0, 0);
         assert_eq!(b.pick(&config, 0, &choice(now)), Some(0));
+    }
+
+    #[test]
+    fn health_checks_take_a_server_out_and_back() {
+        use crate::health::{HealthCheck, HealthKind};
+        let mut group = UpstreamGroup::with_servers(servers(2));
+        let mut check = HealthCheck::new(HealthKind::Tcp);
+        check.fails = 2;
+        check.passes = 2;
+        group.health = Some(check);
+        let (config, b, now) = setup(group);
+        assert_eq!(
+            b.health_result(&config, 0, 0, false),
+            None,
+            "one failure is not enough"
+        );
+        assert_eq!(
+            b.health_result(&config, 0, 0, true),
+            None,
+            "a pass resets the streak"
+        );
+        assert_eq!(b.health_result(&config, 0, 0, false), None);
+        assert_eq!(b.health_result(&config, 0, 0, false), Some(false), "down");
+        assert!(b.is_unhealthy(0, 0));
+        assert_eq!(run(&config, &b, &choice(now), 4), [1, 1, 1, 1]);
+        assert_eq!(b.health_result(&config, 0, 0, true), None);
+        assert_eq!(b.health_result(&config, 0, 0, true), Some(true), "up again");
+        let mut back = run(&config, &b, &choice(now), 2);
+        back.sort_unstable();
+        assert_eq!(back, [0, 1]);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::health::HealthCheck;
 use crate::route::VirtualHost;
 
 /// Everything a [`Session`](crate::Session) needs. Build with [`Config::new`] and adjust fields;
@@ -295,6 +296,8 @@ pub struct UpstreamGroup {
     /// How long all attempts of one request may take together; zero for no limit. nginx:
     /// `proxy_next_upstream_timeout`.
     pub try_timeout: Duration,
+    /// An active health check of every server, if any (servers that fail it are skipped).
+    pub health: Option<HealthCheck>,
 }
 
 impl UpstreamGroup {
@@ -311,6 +314,7 @@ impl UpstreamGroup {
             method: BalanceMethod::RoundRobin,
             tries: 0,
             try_timeout: Duration::ZERO,
+            health: None,
         }
     }
 
@@ -346,6 +350,9 @@ impl UpstreamGroup {
                 format!("{field}.servers"),
                 format!("at most {MAX_SERVERS} servers"),
             ));
+        }
+        if let Some(h) = &self.health {
+            h.validate(field)?;
         }
         for (i, s) in self.servers.iter().enumerate() {
             if s.weight == 0 || s.weight > MAX_WEIGHT {

@@ -112,6 +112,7 @@ mod error;
 mod event;
 mod fields;
 mod head;
+pub mod health;
 mod io;
 mod pool;
 pub mod proxy_protocol;

@@ -24,6 +24,7 @@ runtime_tests! {
     backup_serves_only_when_primaries_are_down,
     proxy_protocol_sets_the_client_address,
     a_changing_dns_answer_is_followed,
+    health_checks_take_a_server_out_and_back,
 }
 
 fn peer(a: SocketAddr) -> Peer {
@@ -321,6 +322,77 @@ async fn until_body(proxy: &ProxyHandle, body: &str) -> bool {
         }
         // The refresh runs in the background on its own clock; there is no event to await.
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// An origin answering `name` on every path, and its health check path with 200 or 503 as
+/// `healthy` says.
+async fn checked_origin(
+    name: &'static str,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    let origin = switchyard_tests::origin::http_origin(std::sync::Arc::new(
+        move |req: &switchyard_tests::origin::SeenRequest| {
+            let check = req.request_line().starts_with("GET /healthz ");
+            let status = if check && !healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            Some(
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{name}",
+                    name.len()
+                )
+                .into_bytes(),
+            )
+        },
+    ))
+    .await;
+    origin.addr
+}
+
+/// An HTTP health check marks a server that answers 503 down (requests avoid it) and brings it
+/// back once it answers 200 again.
+async fn health_checks_take_a_server_out_and_back(rt: Runtime) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a_healthy = std::sync::Arc::new(AtomicBool::new(false));
+    let a = checked_origin("A", std::sync::Arc::clone(&a_healthy)).await;
+    let b = checked_origin("B", std::sync::Arc::new(AtomicBool::new(true))).await;
+    let mut check = proxy_core::health::HealthCheck::new(proxy_core::health::HealthKind::Http {
+        path: "/healthz".into(),
+        expect: 200..=299,
+    });
+    check.interval = std::time::Duration::from_millis(20);
+    check.fails = 1;
+    check.passes = 1;
+    let mut group = UpstreamGroup::new(vec![peer(a), peer(b)]);
+    group.health = Some(check);
+    let proxy = start_proxy(rt, Config::new(group));
+    // A fails its checks: within a few intervals, every request goes to B.
+    assert!(until_streak(&proxy, "B", 6).await, "A was never taken out");
+    // A recovers: it gets requests again.
+    a_healthy.store(true, Ordering::SeqCst);
+    assert!(until_body(&proxy, "A").await, "A never came back");
+    proxy.stop();
+}
+
+/// Sends requests until `n` in a row are answered with `body` (bounded by WAIT).
+async fn until_streak(proxy: &ProxyHandle, body: &str, n: usize) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut streak = 0;
+    while tokio::time::Instant::now() < deadline {
+        if get(proxy.addr, "x", "/").await.ends_with(body) {
+            streak += 1;
+            if streak == n {
+                return true;
+            }
+        } else {
+            streak = 0;
+            // The next check runs on its own clock; there is no event to await.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     false
 }

@@ -32,6 +32,7 @@
 
 mod dns;
 mod drive;
+mod health;
 mod link;
 mod pool;
 mod runtime;

@@ -15,7 +15,7 @@ use crate::dns::{DnsCache, Resolve, SystemResolver};
 use crate::pool::SharedPool;
 use crate::runtime::{Runtime, Timer};
 use crate::shutdown::{race, Shutdown, Stats, TaskGuard};
-use crate::{drive, sys};
+use crate::{drive, health, sys};
 
 /// Receives one record per finished exchange or tunnel (the access log).
 pub type EventSink = Arc<dyn Fn(&ExchangeLog) + Send + Sync>;
@@ -138,6 +138,24 @@ pub async fn serve<R: Runtime>(
         let (shared, guard) = (Arc::clone(&shared), stats.task());
         rt.spawn(pool_reaper(shared, guard));
     }
+    for (gi, group) in shared.config.all_groups().enumerate() {
+        let Some(check) = &group.health else {
+            continue;
+        };
+        for (i, server) in group.servers.iter().enumerate() {
+            let Ok(index) = u16::try_from(i) else {
+                break;
+            };
+            rt.spawn(health::check_server(
+                Arc::clone(&shared),
+                gi,
+                index,
+                check.clone(),
+                server.peer.clone(),
+                stats.task(),
+            ));
+        }
+    }
     drop(shared);
     shutdown.triggered().await;
     let drained = race(
@@ -247,7 +265,7 @@ async fn pool_reaper<R: Runtime>(shared: Arc<Shared<R>>, _guard: TaskGuard) {
     shared.pool.close_all();
 }
 
-async fn sleep<R: Runtime>(rt: &R, until: Instant) {
+pub(crate) async fn sleep<R: Runtime>(rt: &R, until: Instant) {
     let mut timer = rt.timer();
     timer.reset(until);
     poll_fn(|cx| timer.poll_fired(cx)).await;

@@ -1,0 +1,132 @@
+//! Scheduling active health checks: one task per checked server, which every interval opens a
+//! connection (and, for an HTTP check, sends the core's request and reads the status line),
+//! bounded by the check's timeout, and hands the result to the balancer. Every decision — what
+//! to send, what passes, when a server goes down or comes back — is the core's
+//! ([`proxy_core::health`]).
+
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use proxy_core::health::{self, HealthCheck, Verdict};
+use proxy_core::Peer;
+
+use crate::dns::Lookup;
+use crate::runtime::{Runtime, Socket};
+use crate::server::{sleep, Shared};
+use crate::shutdown::{race, TaskGuard};
+use crate::sys::{self, ReadOutcome, WriteOutcome};
+
+/// Checks `server` of group `gi` every interval until the shutdown.
+pub(crate) async fn check_server<R: Runtime>(
+    shared: Arc<Shared<R>>,
+    gi: usize,
+    server: u16,
+    check: HealthCheck,
+    peer: Peer,
+    _guard: TaskGuard,
+) {
+    loop {
+        let deadline = Instant::now() + check.timeout;
+        let passed = race(check_once(&shared, &peer, &check), async {
+            sleep(&shared.rt, deadline).await;
+            false
+        })
+        .await;
+        match shared
+            .balancer
+            .health_result(&shared.config, gi, server, passed)
+        {
+            Some(true) => {
+                tracing::info!(upstream = %peer, "upstream server passes its health check again")
+            }
+            Some(false) => {
+                tracing::warn!(upstream = %peer, "upstream server fails its health check; skipping it")
+            }
+            None => {}
+        }
+        let next = Instant::now() + check.interval;
+        let stop = race(
+            async {
+                shared.shutdown.triggered().await;
+                true
+            },
+            async {
+                sleep(&shared.rt, next).await;
+                false
+            },
+        )
+        .await;
+        if stop {
+            return;
+        }
+    }
+}
+
+/// One check: connect, and for HTTP, ask and judge the answer. Unbounded in time by itself;
+/// the caller races it with the check's timeout.
+async fn check_once<R: Runtime>(shared: &Arc<Shared<R>>, peer: &Peer, check: &HealthCheck) -> bool {
+    let Some(addr) = address(shared, peer).await else {
+        return false;
+    };
+    let Ok(socket) = sys::start_connect(&shared.rt, addr) else {
+        return false;
+    };
+    poll_fn(|cx| socket.poll_write_ready(cx)).await;
+    if sys::connect_result(&socket).is_err() {
+        return false;
+    }
+    let Some(request) = health::request(check, peer) else {
+        return true;
+    };
+    let mut sent = 0;
+    while sent < request.len() {
+        match sys::write(&socket, &[IoSlice::new(&request[sent..])]) {
+            Ok(WriteOutcome::Wrote { n: 0, .. }) => return false,
+            Ok(WriteOutcome::Wrote { n, .. }) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                poll_fn(|cx| socket.poll_write_ready(cx)).await;
+            }
+            Err(_) => return false,
+        }
+    }
+    let mut received = Vec::new();
+    loop {
+        poll_fn(|cx| socket.poll_read_ready(cx)).await;
+        let eof = match sys::read(&socket) {
+            Ok(ReadOutcome::Data { bytes, .. }) => {
+                received.extend_from_slice(&bytes);
+                false
+            }
+            Ok(ReadOutcome::Eof) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return false,
+        };
+        match health::judge(check, &received, eof) {
+            Verdict::Pending if !eof => {}
+            Verdict::Pass => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The first address of `peer`, resolved through the shared cache for a name.
+async fn address<R: Runtime>(shared: &Arc<Shared<R>>, peer: &Peer) -> Option<SocketAddr> {
+    if let Ok(ip) = peer.host().parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, peer.port()));
+    }
+    let now = Instant::now();
+    match shared
+        .dns
+        .lookup(&shared.rt, &shared.options.stats, peer, now)
+    {
+        Lookup::Ready(addrs) => addrs.first().copied(),
+        Lookup::Wait(lookup) => {
+            let addrs = lookup.await.ok()?;
+            shared.dns.store(peer, &addrs, now);
+            addrs.first().copied()
+        }
+    }
+}
