@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 runtime_tests! {
     hosts_and_locations_route_to_their_groups,
     least_conn_spreads_held_websockets,
+    hash_by_room_and_ip_hash_keep_websockets_together,
     backup_serves_only_when_primaries_are_down,
     proxy_protocol_sets_the_client_address,
     a_changing_dns_answer_is_followed,
@@ -171,6 +172,53 @@ async fn least_conn_spreads_held_websockets(rt: Runtime) {
     let ports = ports(&proxy, 8);
     let on_a = ports.iter().filter(|p| **p == a.port()).count();
     assert_eq!((on_a, ports.len() - on_a), (4, 4), "{ports:?}");
+    proxy.stop();
+}
+
+/// Consistent hash on `$arg_room`: every connection of one room reaches the same server, and
+/// rooms spread over the group; IP hash sends one client (here, every test connection comes
+/// from 127.0.0.1) to one server.
+async fn hash_by_room_and_ip_hash_keep_websockets_together(rt: Runtime) {
+    let echoes = [ws_echo().await, ws_echo().await, ws_echo().await];
+    let servers: Vec<Peer> = echoes.iter().copied().map(peer).collect();
+    let key = proxy_core::HashKey::parse("$arg_room").expect("a key");
+    let config = Config::new(UpstreamGroup::new(servers.clone()).method(BalanceMethod::Hash(key)));
+    let proxy = start_proxy(rt, config);
+    let rooms = 12;
+    for room in 0..rooms {
+        for _ in 0..3 {
+            close(ws(&proxy, &format!("/chat?room={room}")).await).await;
+        }
+    }
+    // Grouped by the request line each tunnel's event carries, not by arrival order.
+    let mut by_room = std::collections::BTreeMap::<String, Vec<u16>>::new();
+    for e in proxy.events.wait_for(rooms * 3) {
+        let port = e.upstream.as_ref().map(Peer::port).expect("an upstream");
+        by_room
+            .entry(e.request_line.clone())
+            .or_default()
+            .push(port);
+    }
+    assert_eq!(by_room.len(), rooms);
+    for (room, same) in &by_room {
+        assert!(same.iter().all(|p| *p == same[0]), "{room}: {same:?}");
+    }
+    let mut used: Vec<u16> = by_room.values().map(|v| v[0]).collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(
+        used.len() >= 2,
+        "12 rooms on one server of three: {by_room:?}"
+    );
+    proxy.stop();
+
+    let config = Config::new(UpstreamGroup::new(servers).method(BalanceMethod::IpHash));
+    let proxy = start_proxy(rt, config);
+    for _ in 0..5 {
+        close(ws(&proxy, "/").await).await;
+    }
+    let by_ip = ports(&proxy, 5);
+    assert!(by_ip.iter().all(|p| *p == by_ip[0]), "{by_ip:?}");
     proxy.stop();
 }
 
