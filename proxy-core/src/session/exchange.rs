@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{empty_log, new_log, Session, State, Upstream};
+use super::{empty_log, new_log, Failover, Session, State, Upstream};
 use crate::balance::Choice;
 use crate::body::{BodyDecoder, Framing};
 use crate::config::{BalanceMethod, Config};
@@ -30,7 +30,7 @@ use crate::response::{
 };
 use crate::route::{route_for, upstream_path, virtual_host, Route, RouteRef};
 use crate::timer::Timer;
-use crate::upgrade::{self, UpgradeRequest};
+use crate::upgrade;
 
 /// Room on the request line beyond the request-target: method, spaces and version.
 const REQUEST_LINE_SLACK: usize = 32;
@@ -54,7 +54,6 @@ pub(super) struct Exchange {
     has_body: bool,
     /// The client's own keep-alive wish.
     keep_alive: bool,
-    pub(super) upgrade: Option<UpgradeRequest>,
     /// The upstream head, kept until the first response byte so that a request on a stale
     /// pooled connection can be retried.
     upstream_head: Option<Bytes>,
@@ -66,12 +65,6 @@ pub(super) struct Exchange {
     upstream_reusable: bool,
     retried: bool,
     pub(super) logged: bool,
-    /// Servers whose connect failed for this request, in order.
-    tried: Vec<u16>,
-    /// The request's consistent-hash key, for picking again.
-    key: Option<u64>,
-    /// When the first connect attempt started (the failover time budget runs from here).
-    first_connect: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -114,7 +107,6 @@ impl Exchange {
             idempotent: req.idempotent,
             has_body: body.is_some(),
             keep_alive: req.keep_alive,
-            upgrade: req.upgrade,
             upstream_head: Some(req.upstream_head),
             body,
             response: ResponseState::Head,
@@ -123,9 +115,6 @@ impl Exchange {
             upstream_reusable: false,
             retried: false,
             logged: false,
-            tried: Vec::new(),
-            key: None,
-            first_connect: None,
         }
     }
 
@@ -269,7 +258,7 @@ impl Session {
             return false;
         };
         self.client_rx_len -= chunk.len();
-        if self.request_head.is_empty() && self.timers.get(Timer::KeepAlive).is_some() {
+        if self.request_head_empty() && self.timers.get(Timer::KeepAlive).is_some() {
             // The first byte of the next request: the keep-alive wait becomes a head deadline.
             self.timers.stop(Timer::KeepAlive);
             self.timers.arm(
@@ -280,7 +269,10 @@ impl Session {
         }
         let limits = &self.config.limits;
         let (max_head, max_line) = (limits.max_head, limits.max_uri + REQUEST_LINE_SLACK);
-        let result = self.request_head.push(&mut chunk, max_head, max_line);
+        let result = self
+            .http()
+            .request_head
+            .push(&mut chunk, max_head, max_line);
         if !chunk.is_empty() {
             self.client_rx_len += chunk.len();
             self.client_rx.push_front(chunk);
@@ -308,7 +300,7 @@ impl Session {
     }
 
     fn on_idle_eof(&mut self) {
-        if !self.request_head.is_empty() {
+        if !self.request_head_empty() {
             self.exchange = Some(Exchange::refused(
                 String::new(),
                 0,
@@ -326,13 +318,12 @@ impl Session {
         if !matches!(self.state, State::Idle) {
             return;
         }
-        if self.proxy_header.is_some() {
+        if self.awaits_proxy_header() {
             // A balancer that never finished its header gets no HTTP answer.
             self.proxy_failed(ProxyError::Missing);
             return;
         }
-        if timer == Timer::RequestHead && (!self.request_head.is_empty() || self.client_rx_len > 0)
-        {
+        if timer == Timer::RequestHead && (!self.request_head_empty() || self.client_rx_len > 0) {
             self.exchange = Some(Exchange::refused(
                 String::new(),
                 0,
@@ -430,16 +421,20 @@ impl Session {
                 self.fail(502, CloseReason::NoUpstream);
             }
             Ok(Prepared::Ready {
-                req,
+                mut req,
                 route,
                 server,
                 key,
             }) => {
                 self.route = route;
+                // The offer is HTTP-side state: a tunnel drops it with the rest of HTTP.
+                self.http().upgrade = req.upgrade.take();
                 let sent = self.sent_total[Side::Client.index()];
-                let mut ex = Exchange::new(req, self.now, sent, head.len(), &self.client);
-                ex.key = key;
-                self.exchange = Some(ex);
+                self.http().failover = Failover {
+                    key,
+                    ..Failover::default()
+                };
+                self.exchange = Some(Exchange::new(req, self.now, sent, head.len(), &self.client));
                 self.state = State::Exchange;
                 self.connect(server, true);
             }
@@ -475,16 +470,16 @@ impl Session {
         };
         self.next_upstream += 1;
         let id = UpstreamId(self.next_upstream);
+        let now = self.now;
+        self.http().failover.first_connect.get_or_insert(now);
         if let Some(ex) = self.exchange.as_mut() {
-            ex.connect_started = Some(self.now);
-            ex.first_connect.get_or_insert(self.now);
+            ex.connect_started = Some(now);
             ex.log.upstream = Some(peer.clone());
         }
         self.upstream = Some(Upstream {
             id,
             group,
             server,
-            peer: peer.clone(),
             connected: false,
             reused: false,
             eof: false,
@@ -572,28 +567,29 @@ impl Session {
             return;
         };
         self.balancer.failed(&config, up.group, up.server, self.now);
+        let failed_peer = self.peer_of(&up);
         self.outputs.push_back(Output::Event(Event::UpstreamFailed {
-            peer: up.peer.clone(),
+            peer: failed_peer.clone(),
             cause: why,
         }));
         let Some(ex) = self.exchange.as_mut() else {
             return;
         };
-        ex.tried.push(up.server);
-        ex.log.upstream_failures.push((up.peer, why));
+        ex.log.upstream_failures.push((failed_peer, why));
+        let f = &mut self.http.get_or_insert_with(Box::default).failover;
+        f.tried.push(up.server);
         let limit = match group.tries {
             0 => group.servers.len(),
             n => n as usize,
         };
         let in_budget = group.try_timeout.is_zero()
-            || ex
-                .first_connect
+            || f.first_connect
                 .is_none_or(|t| self.now.saturating_duration_since(t) < group.try_timeout);
-        let next = if ex.tried.len() < limit && in_budget {
+        let next = if f.tried.len() < limit && in_budget {
             let choice = Choice {
                 client: self.client.addr.ip(),
-                key: ex.key,
-                tried: &ex.tried,
+                key: f.key,
+                tried: &f.tried,
                 now: self.now,
             };
             self.balancer.pick(&config, up.group, &choice)
@@ -631,7 +627,11 @@ impl Session {
             return false;
         };
         let before = chunk.len();
-        let mut pieces = std::mem::take(&mut self.pieces);
+        let mut pieces = self
+            .http
+            .as_mut()
+            .map(|h| std::mem::take(&mut h.pieces))
+            .unwrap_or_default();
         let result = decoder.decode(&mut chunk, &mut |p| pieces.push(p));
         ex.count_client_bytes(before - chunk.len());
         if !chunk.is_empty() {
@@ -648,14 +648,18 @@ impl Session {
         };
         if let Some(err) = error {
             pieces.clear();
-            self.pieces = pieces;
+            if let Some(h) = self.http.as_mut() {
+                h.pieces = pieces;
+            }
             self.fail(err.status(), CloseReason::BadRequest(err));
             return false;
         }
         for p in pieces.drain(..) {
             self.forward_piece(Side::Upstream, p, chunked);
         }
-        self.pieces = pieces;
+        if let Some(h) = self.http.as_mut() {
+            h.pieces = pieces;
+        }
         let done = decoder.is_done();
         let Some(ex) = self.exchange.as_mut() else {
             return false;
@@ -707,7 +711,7 @@ impl Session {
             match &mut ex.response {
                 ResponseState::Head => {
                     let max = self.config.limits.max_head;
-                    match self.response_head.push(&mut bytes, max, max) {
+                    match self.http().response_head.push(&mut bytes, max, max) {
                         Err(_) => {
                             return self
                                 .fail(502, CloseReason::BadResponse(ResponseError::HeadTooLarge))
@@ -723,18 +727,26 @@ impl Session {
                 }
                 ResponseState::Body { decoder, chunked } => {
                     let chunked = *chunked;
-                    let mut pieces = std::mem::take(&mut self.pieces);
+                    let mut pieces = self
+                        .http
+                        .as_mut()
+                        .map(|h| std::mem::take(&mut h.pieces))
+                        .unwrap_or_default();
                     let result = decoder.decode(&mut bytes, &mut |p| pieces.push(p));
                     let done = decoder.is_done();
                     if let Err(e) = result {
                         pieces.clear();
-                        self.pieces = pieces;
+                        if let Some(h) = self.http.as_mut() {
+                            h.pieces = pieces;
+                        }
                         return self.abort(CloseReason::BadResponse(ResponseError::BadChunk(e.0)));
                     }
                     for p in pieces.drain(..) {
                         self.forward_piece(Side::Client, p, chunked);
                     }
-                    self.pieces = pieces;
+                    if let Some(h) = self.http.as_mut() {
+                        h.pieces = pieces;
+                    }
                     if done {
                         self.mark_response_done();
                     }
@@ -768,7 +780,7 @@ impl Session {
                 && !self.draining
                 && self.requests < max_requests
                 && !ex.request_body_pending(),
-            upgrade: ex.upgrade.as_ref(),
+            upgrade: self.http.as_ref().and_then(|h| h.upgrade.as_ref()),
             check_accept: self.config.check_websocket_accept,
             max_headers: self.config.limits.max_headers,
         };
@@ -842,7 +854,7 @@ impl Session {
             Some(CloseReason::Completed)
         });
         self.exchange = None;
-        self.response_head.clear();
+        self.http().response_head.clear();
         if keep {
             self.state = State::Idle;
             self.timers.stop(Timer::ClientBody);

@@ -43,9 +43,13 @@ use crate::io::{Input, Output, PeerInfo, Side, UpstreamId};
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::route::{Route, RouteRef};
 use crate::timer::{Timer, TimerTable};
+use crate::upgrade::UpgradeRequest;
 
 use self::exchange::Exchange;
 use self::tunnel::Tunnel;
+
+/// Output slots a tunnel keeps: a relayed chunk produces one `Send` at a time.
+const TUNNEL_OUTPUTS: usize = 4;
 
 /// The proxy state machine for one client connection.
 ///
@@ -77,8 +81,9 @@ pub struct Session {
     in_flight: [usize; 2],
     /// All bytes ever sent to each side.
     sent_total: [u64; 2],
-    request_head: HeadReader,
-    response_head: HeadReader,
+    /// What only HTTP needs (head readers, body decoding scratch, the PROXY header): boxed,
+    /// and dropped when the connection becomes a tunnel, which may idle for hours.
+    http: Option<Box<HttpParts>>,
     upstream: Option<Upstream>,
     next_upstream: u64,
     /// The route of the current (or last) request: its settings and upstream group.
@@ -86,12 +91,6 @@ pub struct Session {
     /// Requests started on this connection.
     requests: u32,
     exchange: Option<Exchange>,
-    /// `Some` while the PROXY protocol header is awaited: the bytes of it seen so far.
-    proxy_header: Option<Vec<u8>>,
-    /// Small allocations (chunk-size lines) are carved out of this buffer.
-    scratch: BytesMut,
-    /// Reused between calls so that decoding a body allocates nothing.
-    pieces: Vec<Piece>,
     draining: bool,
 }
 
@@ -105,6 +104,34 @@ enum State {
     Done,
 }
 
+/// The parts of a session only HTTP uses.
+#[derive(Debug, Default)]
+struct HttpParts {
+    request_head: HeadReader,
+    response_head: HeadReader,
+    /// `Some` while the PROXY protocol header is awaited: the bytes of it seen so far.
+    proxy_header: Option<Vec<u8>>,
+    /// Small allocations (chunk-size lines) are carved out of this buffer.
+    scratch: BytesMut,
+    /// Reused between calls so that decoding a body allocates nothing.
+    pieces: Vec<Piece>,
+    /// The current request's upgrade offer, until its answer is judged.
+    upgrade: Option<UpgradeRequest>,
+    /// The current request's failover bookkeeping.
+    failover: Failover,
+}
+
+/// What trying the servers of a group for one request remembers.
+#[derive(Debug, Default)]
+struct Failover {
+    /// Servers whose connect failed for this request, in order.
+    tried: Vec<u16>,
+    /// The request's consistent-hash key, for picking again.
+    key: Option<u64>,
+    /// When the first connect attempt started (the failover time budget runs from here).
+    first_connect: Option<Instant>,
+}
+
 /// The upstream connection currently owned by the session.
 #[derive(Debug)]
 struct Upstream {
@@ -113,7 +140,6 @@ struct Upstream {
     group: usize,
     /// Its index in the group: the balancer counts a connection on it until it is dropped.
     server: u16,
-    peer: Peer,
     connected: bool,
     reused: bool,
     eof: bool,
@@ -154,16 +180,15 @@ impl Session {
             client_eof: false,
             in_flight: [0; 2],
             sent_total: [0; 2],
-            request_head: HeadReader::default(),
-            response_head: HeadReader::default(),
+            http: Some(Box::new(HttpParts {
+                proxy_header: awaits_header.then(Vec::new),
+                ..HttpParts::default()
+            })),
             upstream: None,
             next_upstream: 0,
             route: RouteRef { at: None, group: 0 },
             requests: 0,
             exchange: None,
-            proxy_header: awaits_header.then(Vec::new),
-            scratch: BytesMut::new(),
-            pieces: Vec::new(),
             draining: false,
         };
         if trusted == Some(false) {
@@ -226,7 +251,7 @@ impl Session {
         self.advance(now);
         self.draining = true;
         match self.state {
-            State::Idle if self.request_head.is_empty() && self.client_rx_len == 0 => {
+            State::Idle if self.request_head_empty() && self.client_rx_len == 0 => {
                 // Between requests with nothing unread or unsent: close now, as the keep-alive
                 // timeout does, rather than linger and delay the shutdown.
                 if self.in_flight[Side::Client.index()] == 0 {
@@ -247,7 +272,16 @@ impl Session {
 
     /// The next thing the adapter must do, in order. Drain until `None` after every call.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let out = self.outputs.pop_front();
+        if out.is_none()
+            && self.outputs.capacity() > TUNNEL_OUTPUTS
+            && matches!(self.state, State::Tunnel(_))
+        {
+            // The handshake's burst of outputs grew the queue; a tunnel queues one or two at a
+            // time and may idle for hours, so it gives the rest back (once).
+            self.outputs.shrink_to(TUNNEL_OUTPUTS);
+        }
+        out
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
@@ -311,6 +345,31 @@ impl Session {
 
     // ---- internals shared by the HTTP and tunnel halves ----
 
+    /// The peer of an upstream connection (the configuration holds it; the connection does not
+    /// keep a copy).
+    fn peer_of(&self, up: &Upstream) -> Peer {
+        self.config
+            .group(up.group)
+            .and_then(|g| g.servers.get(usize::from(up.server)))
+            .map(|s| s.peer.clone())
+            .unwrap_or_else(|| Peer::new("unknown", 0))
+    }
+
+    /// The HTTP parts (recreated if a tunnel had dropped them; no HTTP path runs after one).
+    fn http(&mut self) -> &mut HttpParts {
+        self.http.get_or_insert_with(Box::default)
+    }
+
+    /// Whether no byte of a request head is buffered.
+    fn request_head_empty(&self) -> bool {
+        self.http.as_ref().is_none_or(|h| h.request_head.is_empty())
+    }
+
+    /// Whether a PROXY protocol header is still awaited.
+    fn awaits_proxy_header(&self) -> bool {
+        self.http.as_ref().is_some_and(|h| h.proxy_header.is_some())
+    }
+
     /// The route of the current request, if it came from a virtual host.
     fn route(&self) -> Option<&Route> {
         let (v, r) = self.route.at?;
@@ -362,7 +421,7 @@ impl Session {
         match piece {
             Piece::Data(b) => self.send(to, b),
             Piece::ChunkStart(size) if chunked => {
-                let line = chunk_size_line(size, &mut self.scratch);
+                let line = chunk_size_line(size, &mut self.http().scratch);
                 self.send(to, line);
             }
             Piece::ChunkEnd if chunked => self.send(to, Bytes::from_static(CHUNK_END)),
@@ -447,7 +506,7 @@ impl Session {
         self.stop_http_timers();
         self.client_rx.clear();
         self.client_rx_len = 0;
-        self.request_head.clear();
+        self.http().request_head.clear();
         self.state = State::Closing;
         self.progress_closing();
     }
@@ -487,7 +546,7 @@ impl Session {
     /// Feeds the awaited PROXY protocol header; true once the session can go on with HTTP
     /// (the header is complete and applied), false while waiting or after closing.
     fn take_proxy_header(&mut self) -> bool {
-        let Some(buf) = self.proxy_header.as_mut() else {
+        let Some(buf) = self.http.as_mut().and_then(|h| h.proxy_header.as_mut()) else {
             return true;
         };
         while let Some(chunk) = self.client_rx.pop_front() {
@@ -510,7 +569,7 @@ impl Session {
                     if let ProxyHeader::Proxied { source, .. } = header {
                         self.client.addr = source;
                     }
-                    self.proxy_header = None;
+                    self.http().proxy_header = None;
                     return true;
                 }
                 Err(e) => return self.proxy_failed(e),
@@ -523,7 +582,7 @@ impl Session {
     }
 
     fn proxy_failed(&mut self, e: ProxyError) -> bool {
-        self.proxy_header = None;
+        self.http().proxy_header = None;
         self.close_without_answer(CloseReason::ProxyProtocol(Some(e)));
         false
     }
@@ -549,7 +608,7 @@ impl Session {
                 .map(|t| self.now.saturating_duration_since(t))
                 .unwrap_or_default();
             self.outputs.push_back(Output::Event(Event::TunnelClosed {
-                peer: up.peer.clone(),
+                peer: self.peer_of(&up),
                 duration,
             }));
         }

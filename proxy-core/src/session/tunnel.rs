@@ -47,18 +47,17 @@ impl Session {
         let now: Instant = self.now;
         if let Some(ex) = self.exchange.as_mut() {
             ex.tunnel_started = Some(now);
-            // The offer was only needed to check the 101; a tunnel may idle for hours.
-            ex.upgrade = None;
         }
         self.timers
             .arm(Timer::TunnelIdle, now, self.timeouts().tunnel_idle);
         if let Some(life) = self.timeouts().tunnel_lifetime {
             self.timers.arm(Timer::TunnelLifetime, now, life);
         }
-        self.response_head.clear();
+        // HTTP is over for this connection: its parsing state goes.
+        self.http = None;
         if let Some(up) = &self.upstream {
             self.outputs.push_back(Output::Event(Event::TunnelOpened {
-                peer: up.peer.clone(),
+                peer: self.peer_of(up),
             }));
         }
         self.state = State::Tunnel(Tunnel {
