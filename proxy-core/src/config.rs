@@ -377,6 +377,43 @@ impl UpstreamGroup {
     }
 }
 
+/// A piece of a text with `$variables`.
+enum Piece<'a> {
+    Text(String),
+    Var(&'a str),
+}
+
+/// Splits `text` into literal runs and `$name` variables (names are letters, digits and `_`);
+/// `$$` is a literal dollar. Shared by header templates and hash keys.
+fn split_variables(text: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    let mut lit = String::new();
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        lit.push_str(&rest[..pos]);
+        rest = &rest[pos + 1..];
+        if let Some(r) = rest.strip_prefix('$') {
+            lit.push('$');
+            rest = r;
+            continue;
+        }
+        let len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        if !lit.is_empty() {
+            pieces.push(Piece::Text(std::mem::take(&mut lit)));
+        }
+        pieces.push(Piece::Var(&rest[..len]));
+        rest = &rest[len..];
+    }
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        pieces.push(Piece::Text(lit));
+    }
+    pieces
+}
+
 /// Most servers one group may have (server indices are 16-bit in the balancer's tables).
 pub const MAX_SERVERS: usize = 4096;
 
@@ -475,50 +512,33 @@ pub enum KeyPart {
 impl HashKey {
     /// Parses a key such as `$arg_room` or `$http_x_tenant:$uri`. `$$` is a literal dollar.
     pub fn parse(key: &str) -> Result<Self, ConfigError> {
-        let mut parts = Vec::new();
-        let mut lit = String::new();
-        let mut rest = key;
-        while let Some(pos) = rest.find('$') {
-            lit.push_str(&rest[..pos]);
-            rest = &rest[pos + 1..];
-            if let Some(r) = rest.strip_prefix('$') {
-                lit.push('$');
-                rest = r;
-                continue;
-            }
-            let len = rest
-                .bytes()
-                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
-                .count();
-            let name = &rest[..len];
-            let part = if name == "remote_addr" {
-                KeyPart::RemoteAddr
-            } else if name == "uri" {
-                KeyPart::Uri
-            } else if let Some(n) = name.strip_prefix("arg_").filter(|n| !n.is_empty()) {
-                KeyPart::Arg(n.to_owned())
-            } else if let Some(n) = name.strip_prefix("cookie_").filter(|n| !n.is_empty()) {
-                KeyPart::Cookie(n.to_owned())
-            } else if let Some(n) = name.strip_prefix("http_").filter(|n| !n.is_empty()) {
-                KeyPart::Header(n.replace('_', "-"))
-            } else {
-                return Err(ConfigError::new(
-                    "hash",
-                    format!(
-                        "a key of text and $remote_addr, $uri, $arg_NAME, $cookie_NAME, $http_NAME; got ${name}"
-                    ),
-                ));
-            };
-            if !lit.is_empty() {
-                parts.push(KeyPart::Literal(std::mem::take(&mut lit)));
-            }
-            parts.push(part);
-            rest = &rest[len..];
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            parts.push(KeyPart::Literal(lit));
-        }
+        let parts = split_variables(key)
+            .into_iter()
+            .map(|piece| {
+                let name = match piece {
+                    Piece::Text(t) => return Ok(KeyPart::Literal(t)),
+                    Piece::Var(name) => name,
+                };
+                if name == "remote_addr" {
+                    Ok(KeyPart::RemoteAddr)
+                } else if name == "uri" {
+                    Ok(KeyPart::Uri)
+                } else if let Some(n) = name.strip_prefix("arg_").filter(|n| !n.is_empty()) {
+                    Ok(KeyPart::Arg(n.to_owned()))
+                } else if let Some(n) = name.strip_prefix("cookie_").filter(|n| !n.is_empty()) {
+                    Ok(KeyPart::Cookie(n.to_owned()))
+                } else if let Some(n) = name.strip_prefix("http_").filter(|n| !n.is_empty()) {
+                    Ok(KeyPart::Header(n.replace('_', "-")))
+                } else {
+                    Err(ConfigError::new(
+                        "hash",
+                        format!(
+                            "a key of text and $remote_addr, $uri, $arg_NAME, $cookie_NAME, $http_NAME; got ${name}"
+                        ),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if parts.is_empty() {
             return Err(ConfigError::new("hash", "a non-empty key"));
         }
@@ -765,45 +785,24 @@ impl Template {
                 "a header value without control characters",
             ));
         }
-        let mut parts = Vec::new();
-        let mut lit = String::new();
-        let mut rest = value;
-        while let Some(pos) = rest.find('$') {
-            lit.push_str(&rest[..pos]);
-            rest = &rest[pos + 1..];
-            if let Some(r) = rest.strip_prefix('$') {
-                lit.push('$');
-                rest = r;
-                continue;
-            }
-            let len = rest
-                .bytes()
-                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
-                .count();
-            let var = match &rest[..len] {
-                "remote_addr" => Variable::RemoteAddr,
-                "host" => Variable::Host,
-                "scheme" => Variable::Scheme,
-                "request_uri" => Variable::RequestUri,
-                other => {
-                    return Err(ConfigError::new(
+        let parts = split_variables(value)
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::Text(t) => Ok(TemplatePart::Literal(t)),
+                Piece::Var(name) => match name {
+                    "remote_addr" => Ok(TemplatePart::Var(Variable::RemoteAddr)),
+                    "host" => Ok(TemplatePart::Var(Variable::Host)),
+                    "scheme" => Ok(TemplatePart::Var(Variable::Scheme)),
+                    "request_uri" => Ok(TemplatePart::Var(Variable::RequestUri)),
+                    other => Err(ConfigError::new(
                         "value",
                         format!(
-                        "one of $remote_addr, $host, $scheme, $request_uri (or $$), got ${other}"
-                    ),
-                    ))
-                }
-            };
-            if !lit.is_empty() {
-                parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));
-            }
-            parts.push(TemplatePart::Var(var));
-            rest = &rest[len..];
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            parts.push(TemplatePart::Literal(lit));
-        }
+                            "one of $remote_addr, $host, $scheme, $request_uri (or $$), got ${other}"
+                        ),
+                    )),
+                },
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Template { parts })
     }
 
@@ -875,6 +874,34 @@ impl IpNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_keys_parse_variables_and_text() {
+        let k = HashKey::parse("$http_x_tenant:$uri$$").expect("a valid key");
+        assert_eq!(
+            k.parts(),
+            [
+                KeyPart::Header("x-tenant".into()),
+                KeyPart::Literal(":".into()),
+                KeyPart::Uri,
+                KeyPart::Literal("$".into()),
+            ]
+        );
+        assert_eq!(
+            HashKey::parse("room-$arg_room-$cookie_sid")
+                .expect("valid")
+                .parts(),
+            [
+                KeyPart::Literal("room-".into()),
+                KeyPart::Arg("room".into()),
+                KeyPart::Literal("-".into()),
+                KeyPart::Cookie("sid".into()),
+            ]
+        );
+        assert!(HashKey::parse("$arg_").is_err());
+        assert!(HashKey::parse("$request_id").is_err());
+        assert!(HashKey::parse("").is_err());
+    }
 
     #[test]
     fn ipnet_contains() {
