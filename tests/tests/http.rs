@@ -38,6 +38,21 @@ runtime_tests! {
 
 // ---- helpers ----
 
+/// `GET path` on `client`, answered by an origin that echoes the path as the body.
+async fn get_echoed_path(client: &mut Client, path: &str) {
+    client
+        .send(format!("GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n").as_bytes())
+        .await;
+    let resp = client.response(false).await;
+    assert_eq!(
+        show(&resp.raw),
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+            path.len()
+        )
+    );
+}
+
 /// A responder from a closure.
 fn responder(f: impl Fn(&SeenRequest) -> Option<Vec<u8>> + Send + Sync + 'static) -> Responder {
     Arc::new(f)
@@ -273,17 +288,7 @@ async fn keep_alive_reuses_one_upstream_connection(rt: Runtime) {
     let proxy = start_proxy(rt, config_for(&[origin.addr]));
     let mut client = Client::connect(proxy.addr).await;
     for path in ["/one", "/two", "/three"] {
-        client
-            .send(format!("GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n").as_bytes())
-            .await;
-        let resp = client.response(false).await;
-        assert_eq!(
-            show(&resp.raw),
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
-                path.len()
-            )
-        );
+        get_echoed_path(&mut client, path).await;
     }
     let events = proxy.events.wait_for(3);
     assert!(events.iter().all(|e| e.status == Some(200)), "{events:?}");
@@ -342,18 +347,7 @@ async fn requests_fail_over_from_a_dead_upstream(rt: Runtime) {
     for i in 0..4 {
         let mut client = Client::connect(proxy.addr).await;
         for j in 0..2 {
-            let path = format!("/r{i}-{j}");
-            client
-                .send(format!("GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n").as_bytes())
-                .await;
-            let resp = client.response(false).await;
-            assert_eq!(
-                show(&resp.raw),
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
-                    path.len()
-                )
-            );
+            get_echoed_path(&mut client, &format!("/r{i}-{j}")).await;
         }
     }
     let events = proxy.events.wait_for(8);

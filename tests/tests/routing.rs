@@ -52,20 +52,22 @@ fn host(names: &[&str], routes: Vec<Route>) -> VirtualHost {
 
 /// One request on its own connection; the whole response as text.
 async fn get(proxy: SocketAddr, host: &str, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    String::from_utf8_lossy(&exchange(proxy, request.as_bytes()).await).into_owned()
+}
+
+/// Writes `bytes` on a new connection and reads until the proxy closes it (bounded by WAIT).
+async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(proxy)
         .await
         .expect("connect to the proxy");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("send");
+    s.write_all(bytes).await.expect("send");
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
         .await
         .expect("a response within WAIT")
         .expect("read");
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// A WebSocket through the proxy with one echoed message; left open.
@@ -262,23 +264,16 @@ async fn proxy_protocol_sets_the_client_address(rt: Runtime) {
         proxy_core::IpNet::parse("127.0.0.1").expect("a network"),
     ]));
     let proxy = start_proxy(rt, config);
-    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(
+    let out = exchange(
+        proxy.addr,
         b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .expect("send");
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .expect("a response within WAIT")
-        .expect("read");
+    .await;
     assert!(
         out.ends_with(b"\r\n\r\nok"),
         "{}",
         String::from_utf8_lossy(&out)
     );
-    drop(s);
     let seen = origin.seen();
     assert_eq!(seen[0].header("x-forwarded-for"), Some("203.0.113.9"));
 
