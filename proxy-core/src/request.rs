@@ -354,6 +354,10 @@ pub(crate) fn check_body_limit(req: &ParsedRequest<'_>, max_body: u64) -> Result
 
 /// The request as the session keeps it, with the head for `peer`: re-serialised canonically,
 /// hop-by-hop fields and those `Connection` names removed, then the proxy's own fields.
+// Out of line on purpose: inlined into the request path, it pushes that past the inliner's
+// budget and its many small `put_slice` calls stop being inlined (+5 % instructions per
+// exchange, counted with `benches/src/bin/instructions.rs`).
+#[inline(never)]
 pub(crate) fn serialise(
     req: &ParsedRequest<'_>,
     ctx: &RequestContext<'_>,

@@ -23,9 +23,16 @@
 //!   connection under the response.
 //! * **Done** — both sockets closed; the adapter drops the session.
 //!
+//! Each state owns its data: [`State::Exchange`] holds the request being proxied and its
+//! upstream connection, [`State::Tunnel`] the two directions and the upstream; what every state
+//! shares (clock, timers, queued outputs, unread client bytes) is the [`Conn`]. A state's methods
+//! take the `Conn` and answer with what happens next, and the session makes the transition, so
+//! no code path has to ask whether the data of its own state exists.
+//!
 //! Errors are sticky: once a session decides to close, no input revives it.
 
 mod exchange;
+mod idle;
 mod tunnel;
 
 use std::collections::VecDeque;
@@ -40,12 +47,12 @@ use crate::config::{Config, Peer, Timeouts};
 use crate::event::{CloseReason, Event, ExchangeLog};
 use crate::head::HeadReader;
 use crate::io::{Input, Output, PeerInfo, Side, UpstreamId};
-use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
+use crate::response::error_response;
 use crate::route::{Route, RouteRef};
 use crate::timer::{Timer, TimerTable};
 use crate::upgrade::UpgradeRequest;
 
-use self::exchange::Exchange;
+use self::exchange::{Exchange, Next};
 use self::tunnel::Tunnel;
 
 /// Output slots a tunnel keeps: a relayed chunk produces one `Send` at a time.
@@ -65,6 +72,26 @@ const TUNNEL_OUTPUTS: usize = 4;
 /// re-read `poll_timeout` and `wants_read`.**
 #[derive(Debug)]
 pub struct Session {
+    cx: Conn,
+    state: State,
+}
+
+/// Where the connection is, with the data only that state has.
+#[derive(Debug)]
+enum State {
+    /// Waiting for a request head, with the HTTP parts kept between requests.
+    Idle(Box<HttpParts>),
+    Exchange(Exchange),
+    Tunnel(Tunnel),
+    Closing,
+    Lingering,
+    Done,
+}
+
+/// What every state shares: the connection's identity, clock, timers, queued outputs and
+/// unread client bytes. Each state's methods borrow it to produce their effects.
+#[derive(Debug)]
+struct Conn {
     config: Arc<Config>,
     balancer: Arc<Balancer>,
     client: PeerInfo,
@@ -72,39 +99,24 @@ pub struct Session {
     now: Instant,
     timers: TimerTable,
     outputs: VecDeque<Output>,
-    state: State,
     /// Client bytes received and not yet consumed by the current state.
-    client_rx: VecDeque<Bytes>,
-    client_rx_len: usize,
+    rx: VecDeque<Bytes>,
+    rx_len: usize,
     client_eof: bool,
     /// Bytes handed out in `Send`s and not yet reported `Sent`, per side.
     in_flight: [usize; 2],
     /// All bytes ever sent to each side.
     sent_total: [u64; 2],
-    /// What only HTTP needs (head readers, body decoding scratch, the PROXY header): boxed,
-    /// and dropped when the connection becomes a tunnel, which may idle for hours.
-    http: Option<Box<HttpParts>>,
-    upstream: Option<Upstream>,
     next_upstream: u64,
     /// The route of the current (or last) request: its settings and upstream group.
     route: RouteRef,
     /// Requests started on this connection.
     requests: u32,
-    exchange: Option<Exchange>,
     draining: bool,
 }
 
-#[derive(Debug)]
-enum State {
-    Idle,
-    Exchange,
-    Tunnel(Tunnel),
-    Closing,
-    Lingering,
-    Done,
-}
-
-/// The parts of a session only HTTP uses.
+/// The parts of a session only HTTP uses: boxed, moved from the idle state into each exchange
+/// and back, and dropped when the connection becomes a tunnel, which may idle for hours.
 #[derive(Debug, Default)]
 struct HttpParts {
     request_head: HeadReader,
@@ -132,17 +144,81 @@ struct Failover {
     first_connect: Option<Instant>,
 }
 
-/// The upstream connection currently owned by the session.
+/// An upstream connection owned by an exchange or a tunnel. The balancer counts it against its
+/// server until it is given back with [`Conn::release`] or [`Conn::drop_upstream`].
 #[derive(Debug)]
 struct Upstream {
     id: UpstreamId,
     /// Its group (see `Config::group`).
     group: usize,
-    /// Its index in the group: the balancer counts a connection on it until it is dropped.
+    /// Its index in the group.
     server: u16,
     connected: bool,
     reused: bool,
     eof: bool,
+}
+
+/// What the access log needs about one exchange, carried from its request into its tunnel and
+/// consumed by [`Conn::log`], so each exchange is logged exactly once.
+#[derive(Debug)]
+struct Record {
+    /// Boxed from the start, so that moving the record between states copies a pointer and
+    /// the finished log is handed to its event as it is.
+    log: Box<ExchangeLog>,
+    started: Instant,
+    /// `sent_total[Client]` when the exchange began.
+    sent_at_start: u64,
+    head_bytes_to_client: u64,
+    connect_started: Option<Instant>,
+}
+
+impl Record {
+    /// A record for an exchange starting now, `from_client` bytes into it.
+    fn new(cx: &Conn, request_line: String, from_client: u64) -> Self {
+        Record {
+            log: Box::new(ExchangeLog {
+                request_line,
+                bytes_from_client: from_client,
+                ..empty_log(cx.client.addr)
+            }),
+            started: cx.now,
+            sent_at_start: cx.sent_total[Side::Client.index()],
+            head_bytes_to_client: 0,
+            connect_started: None,
+        }
+    }
+
+    fn response_started(&self, cx: &Conn) -> bool {
+        cx.sent_total[Side::Client.index()] > self.sent_at_start
+    }
+
+    /// The finished log line; `tunnel` is when the exchange became a tunnel, if it did.
+    fn finish(
+        self,
+        cx: &Conn,
+        close: Option<CloseReason>,
+        tunnel: Option<Instant>,
+    ) -> Box<ExchangeLog> {
+        let mut log = self.log;
+        let now = cx.now;
+        log.bytes_to_client =
+            cx.sent_total[Side::Client.index()].saturating_sub(self.sent_at_start);
+        log.body_bytes_to_client = log
+            .bytes_to_client
+            .saturating_sub(self.head_bytes_to_client);
+        log.request_time = now.saturating_duration_since(self.started);
+        if let (Some(start), None) = (self.connect_started, log.upstream_response_time) {
+            if log.upstream_header_time.is_some() || tunnel.is_some() {
+                log.upstream_response_time = Some(now.saturating_duration_since(start));
+            }
+        }
+        if let Some(t) = tunnel {
+            log.upgraded = true;
+            log.tunnel_duration = Some(now.saturating_duration_since(t));
+        }
+        log.close = close;
+        log
+    }
 }
 
 impl Session {
@@ -166,30 +242,29 @@ impl Session {
             let ip = client.addr.ip();
             p.trusted.iter().any(|n| n.contains(ip))
         });
-        let awaits_header = proxied.is_some();
+        let http = Box::new(HttpParts {
+            proxy_header: proxied.is_some().then(Vec::new),
+            ..HttpParts::default()
+        });
         let mut session = Session {
-            config,
-            balancer,
-            client,
-            now,
-            timers,
-            outputs: VecDeque::new(),
-            state: State::Idle,
-            client_rx: VecDeque::new(),
-            client_rx_len: 0,
-            client_eof: false,
-            in_flight: [0; 2],
-            sent_total: [0; 2],
-            http: Some(Box::new(HttpParts {
-                proxy_header: awaits_header.then(Vec::new),
-                ..HttpParts::default()
-            })),
-            upstream: None,
-            next_upstream: 0,
-            route: RouteRef { at: None, group: 0 },
-            requests: 0,
-            exchange: None,
-            draining: false,
+            cx: Conn {
+                config,
+                balancer,
+                client,
+                now,
+                timers,
+                outputs: VecDeque::new(),
+                rx: VecDeque::new(),
+                rx_len: 0,
+                client_eof: false,
+                in_flight: [0; 2],
+                sent_total: [0; 2],
+                next_upstream: 0,
+                route: RouteRef { at: None, group: 0 },
+                requests: 0,
+                draining: false,
+            },
+            state: State::Idle(http),
         };
         if trusted == Some(false) {
             session.close_without_answer(CloseReason::ProxyProtocol(None));
@@ -202,27 +277,29 @@ impl Session {
     /// Feeds one input. Errors caused by the peers become outputs (an error response, closes and
     /// an event); this never fails and never panics.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
-        self.advance(now);
+        self.cx.advance(now);
         if matches!(self.state, State::Done) {
             return;
         }
         match input {
-            Input::Data {
-                from: Side::Client,
-                bytes,
-            } => self.on_client_data(bytes),
-            Input::Data {
-                from: Side::Upstream,
-                bytes,
-            } => self.on_upstream_data(bytes),
+            Input::Data { from, bytes } => self.on_data(from, bytes),
             Input::Eof { from: Side::Client } => self.on_client_eof(),
             Input::Eof {
                 from: Side::Upstream,
             } => self.on_upstream_eof(false),
             Input::Sent { to, len } => self.on_sent(to, len),
-            Input::UpstreamConnected { id, reused } => self.on_connected(id, reused),
-            Input::UpstreamFailed { id, why } => self.on_connect_failed(id, why),
-            Input::Reset { from: Side::Client } => self.abort(CloseReason::ClientReset),
+            Input::UpstreamConnected { id, reused } => {
+                if let State::Exchange(ex) = &mut self.state {
+                    ex.on_connected(&mut self.cx, id, reused);
+                }
+            }
+            Input::UpstreamFailed { id, why } => {
+                if let State::Exchange(ex) = &mut self.state {
+                    let next = ex.on_connect_failed(&mut self.cx, id, why);
+                    self.settle(next);
+                }
+            }
+            Input::Reset { from: Side::Client } => self.close(CloseReason::ClientReset),
             Input::Reset {
                 from: Side::Upstream,
             } => self.on_upstream_eof(true),
@@ -232,9 +309,9 @@ impl Session {
 
     /// Handles every timer due at `now`. Calling it early, or twice, does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.advance(now);
+        self.cx.advance(now);
         while !matches!(self.state, State::Done) {
-            let Some(timer) = self.timers.take_expired(self.now) else {
+            let Some(timer) = self.cx.timers.take_expired(self.cx.now) else {
                 break;
             };
             self.on_timer(timer);
@@ -248,21 +325,20 @@ impl Session {
     /// and then closes (its response carries `Connection: close` if not yet sent), and a tunnel
     /// is closed at `tunnel_deadline` unless it ends by itself first.
     pub fn start_drain(&mut self, now: Instant, tunnel_deadline: Instant) {
-        self.advance(now);
-        self.draining = true;
-        match self.state {
-            State::Idle if self.request_head_empty() && self.client_rx_len == 0 => {
+        let cx = &mut self.cx;
+        cx.advance(now);
+        cx.draining = true;
+        match &self.state {
+            State::Idle(http) if http.request_head.is_empty() && cx.rx_len == 0 => {
                 // Between requests with nothing unread or unsent: close now, as the keep-alive
                 // timeout does, rather than linger and delay the shutdown.
-                if self.in_flight[Side::Client.index()] == 0 {
-                    self.close_all();
+                if cx.in_flight[Side::Client.index()] == 0 {
+                    self.close(CloseReason::Drain);
                 } else {
                     self.begin_closing();
                 }
             }
-            State::Tunnel(_) => self
-                .timers
-                .arm_at(Timer::Drain, tunnel_deadline.max(self.now)),
+            State::Tunnel(_) => cx.timers.arm_at(Timer::Drain, tunnel_deadline.max(cx.now)),
             _ => {}
         }
         self.drive();
@@ -272,14 +348,15 @@ impl Session {
 
     /// The next thing the adapter must do, in order. Drain until `None` after every call.
     pub fn poll_output(&mut self) -> Option<Output> {
-        let out = self.outputs.pop_front();
+        let outputs = &mut self.cx.outputs;
+        let out = outputs.pop_front();
         if out.is_none()
-            && self.outputs.capacity() > TUNNEL_OUTPUTS
+            && outputs.capacity() > TUNNEL_OUTPUTS
             && matches!(self.state, State::Tunnel(_))
         {
             // The handshake's burst of outputs grew the queue; a tunnel queues one or two at a
             // time and may idle for hours, so it gives the rest back (once).
-            self.outputs.shrink_to(TUNNEL_OUTPUTS);
+            outputs.shrink_to(TUNNEL_OUTPUTS);
         }
         out
     }
@@ -289,7 +366,7 @@ impl Session {
         if matches!(self.state, State::Done) {
             return None;
         }
-        self.timers.next()
+        self.cx.timers.next()
     }
 
     // ---- query ----
@@ -298,30 +375,21 @@ impl Session {
     /// up (the other side is not draining, or the session is waiting for something else);
     /// reading resumes when a later call says true.
     pub fn wants_read(&self, side: Side) -> bool {
-        let queue = self.config.limits.queue;
-        let other_flowing = self.in_flight[side.other().index()] < queue;
+        let cx = &self.cx;
+        let queue = cx.config.limits.queue;
+        let other_flowing = cx.in_flight[side.other().index()] < queue;
         match (&self.state, side) {
-            (State::Idle, Side::Client) => !self.client_eof,
-            (State::Exchange, Side::Client) => {
-                let Some(ex) = &self.exchange else {
-                    return false;
-                };
-                if self.client_eof {
-                    return false;
-                }
-                if ex.request_body_pending() {
-                    self.client_rx_len < queue && other_flowing
+            (State::Idle(_), Side::Client) => !cx.client_eof,
+            (State::Exchange(ex), Side::Client) => {
+                if cx.client_eof {
+                    false
+                } else if ex.request_body_pending() {
+                    cx.rx_len < queue && other_flowing
                 } else {
-                    self.client_rx_len < self.config.limits.max_held
+                    cx.rx_len < cx.config.limits.max_held
                 }
             }
-            (State::Exchange, Side::Upstream) => {
-                self.upstream
-                    .as_ref()
-                    .is_some_and(|u| u.connected && !u.eof)
-                    && self.exchange.as_ref().is_some_and(|ex| !ex.response_done())
-                    && other_flowing
-            }
+            (State::Exchange(ex), Side::Upstream) => ex.wants_upstream_read() && other_flowing,
             (State::Tunnel(t), _) => t.wants_read(side) && other_flowing,
             (State::Lingering, Side::Client) => true,
             _ => false,
@@ -335,15 +403,350 @@ impl Session {
 
     /// The client this session serves.
     pub fn client(&self) -> &PeerInfo {
-        &self.client
+        &self.cx.client
     }
 
     /// The configuration this session runs with.
     pub fn config(&self) -> &Arc<Config> {
-        &self.config
+        &self.cx.config
     }
 
-    // ---- internals shared by the HTTP and tunnel halves ----
+    // ---- transitions ----
+
+    /// Makes as much progress as the current state allows with the bytes already received.
+    fn drive(&mut self) {
+        loop {
+            let progressed = match &mut self.state {
+                State::Idle(http) => {
+                    let step = idle::step(http, &mut self.cx);
+                    self.on_idle_step(step)
+                }
+                State::Exchange(ex) => {
+                    let (progressed, next) = ex.step_request_body(&mut self.cx);
+                    self.settle(next);
+                    progressed
+                }
+                _ => false,
+            };
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    /// Takes the state out to move its data into the next one; the caller puts a state back.
+    fn take_state(&mut self) -> State {
+        std::mem::replace(&mut self.state, State::Done)
+    }
+
+    /// Carries out an exchange's verdict.
+    fn settle(&mut self, next: Next) {
+        if let Next::Stay = next {
+            return;
+        }
+        // Verdicts come from the exchange in place, so this is the exchange being moved out.
+        let ex = match self.take_state() {
+            State::Exchange(ex) => ex,
+            other => return self.state = other,
+        };
+        match next {
+            Next::Stay => self.state = State::Exchange(ex),
+            Next::Done => self.finish_exchange(ex),
+            Next::Tunnel(up, rest) => self.open_tunnel(ex, up, rest),
+            Next::Fail(status, reason) => {
+                if ex.record.response_started(&self.cx) {
+                    self.state = State::Exchange(ex);
+                    self.close(reason);
+                } else {
+                    let (record, upstream, is_head) = ex.into_answer();
+                    self.answer(record, upstream, is_head, status, reason);
+                }
+            }
+            Next::Abort(reason) => {
+                self.state = State::Exchange(ex);
+                self.close(reason);
+            }
+        }
+    }
+
+    /// The response is complete: release the upstream, log, and keep the client or close it.
+    /// With the request body unfinished (an early response) neither connection is kept.
+    fn finish_exchange(&mut self, ex: Exchange) {
+        let cx = &mut self.cx;
+        let (keep, reusable) = ex.keep_alive(cx.draining);
+        let (record, upstream, mut http) = ex.into_parts();
+        cx.release(upstream, reusable);
+        cx.log(record, (!keep).then_some(CloseReason::Completed), None);
+        if keep {
+            http.response_head.clear();
+            http.upgrade = None;
+            self.state = State::Idle(http);
+            cx.timers.stop(Timer::ClientBody);
+            if cx.rx_len > 0 {
+                cx.timers
+                    .arm(Timer::RequestHead, cx.now, cx.config.timeouts.request_head);
+            } else {
+                cx.timers
+                    .arm(Timer::KeepAlive, cx.now, cx.config.timeouts.keep_alive);
+            }
+        } else {
+            self.begin_closing();
+        }
+    }
+
+    /// Enters the tunnel after a genuine `101` head has been queued for the client. `rest` holds
+    /// whatever the upstream sent after the head; it goes to the client at once, and held client
+    /// bytes go to the upstream at once.
+    fn open_tunnel(&mut self, ex: Exchange, up: Upstream, rest: Bytes) {
+        let cx = &mut self.cx;
+        cx.stop_http_timers();
+        let timeouts = cx.timeouts();
+        let (idle, life) = (timeouts.tunnel_idle, timeouts.tunnel_lifetime);
+        cx.timers.arm(Timer::TunnelIdle, cx.now, idle);
+        if let Some(life) = life {
+            cx.timers.arm(Timer::TunnelLifetime, cx.now, life);
+        }
+        cx.emit(Event::TunnelOpened {
+            peer: cx.peer_of(&up),
+        });
+        // HTTP is over for this connection: its parsing state goes with the exchange.
+        let (record, _, _) = ex.into_parts();
+        let mut tunnel = Tunnel::new(record, up, cx.now);
+        tunnel.relay(cx, Side::Upstream, rest);
+        // Held bytes go upstream, and the queue that held them is freed: the tunnel never
+        // uses it again.
+        for held in std::mem::take(&mut cx.rx) {
+            tunnel.relay(cx, Side::Client, held);
+        }
+        cx.rx_len = 0;
+        let end = if cx.client_eof {
+            tunnel.eof(cx, Side::Client)
+        } else {
+            None
+        };
+        self.state = State::Tunnel(tunnel);
+        if let Some(reason) = end {
+            self.close(reason);
+        }
+    }
+
+    /// Answers the client with `status` (no response has started) and closes after it.
+    fn answer(
+        &mut self,
+        mut record: Record,
+        upstream: Option<Upstream>,
+        is_head: bool,
+        status: u16,
+        reason: CloseReason,
+    ) {
+        let cx = &mut self.cx;
+        cx.release(upstream, false);
+        let resp = error_response(status, is_head);
+        record.log.status = Some(status);
+        record.head_bytes_to_client += resp.len() as u64;
+        cx.send(Side::Client, resp);
+        cx.log(record, Some(reason), None);
+        self.begin_closing();
+    }
+
+    /// Answers a request refused before it became an exchange.
+    fn refuse(&mut self, request_line: String, bytes: u64, status: u16, reason: CloseReason) {
+        let record = Record::new(&self.cx, request_line, bytes);
+        self.answer(record, None, false, status, reason);
+    }
+
+    /// Closes after the last response is flushed: FIN to the client, then drain its unread
+    /// bytes until it closes or the linger timer fires. The caller has given back any upstream.
+    fn begin_closing(&mut self) {
+        let cx = &mut self.cx;
+        cx.forget_upstream();
+        cx.stop_http_timers();
+        cx.rx.clear();
+        cx.rx_len = 0;
+        self.state = State::Closing;
+        self.progress_closing();
+    }
+
+    fn progress_closing(&mut self) {
+        let cx = &mut self.cx;
+        if !matches!(self.state, State::Closing) || cx.in_flight[Side::Client.index()] > 0 {
+            return;
+        }
+        if cx.client_eof {
+            self.close(CloseReason::ClientClosed);
+        } else {
+            cx.outputs
+                .push_back(Output::ShutdownWrite { side: Side::Client });
+            self.state = State::Lingering;
+            cx.timers
+                .arm(Timer::Linger, cx.now, cx.config.timeouts.linger);
+            if cx.timers.get(Timer::Linger).is_none() {
+                self.close(CloseReason::ClientClosed);
+            }
+        }
+    }
+
+    /// Closes a connection that is not an HTTP client to answer (a PROXY protocol failure),
+    /// logging it with `reason`.
+    fn close_without_answer(&mut self, reason: CloseReason) {
+        let record = Record::new(&self.cx, String::new(), self.cx.rx_len as u64);
+        self.cx.log(record, Some(reason.clone()), None);
+        self.close(reason);
+    }
+
+    /// Closes both connections now. An exchange or tunnel still open is logged with `reason`
+    /// first; other states have nothing left to log.
+    fn close(&mut self, reason: CloseReason) {
+        let state = self.take_state();
+        let cx = &mut self.cx;
+        match state {
+            State::Done => return,
+            State::Exchange(ex) => {
+                let (record, upstream, _) = ex.into_parts();
+                cx.log(record, Some(reason), None);
+                if let Some(up) = upstream {
+                    cx.drop_upstream(up);
+                }
+            }
+            State::Tunnel(t) => t.close(cx, reason),
+            State::Idle(_) | State::Closing | State::Lingering => {}
+        }
+        cx.outputs.push_back(Output::Close { side: Side::Client });
+        cx.timers.stop_all();
+        cx.rx.clear();
+        cx.rx_len = 0;
+    }
+
+    // ---- inputs common to several states ----
+
+    fn on_data(&mut self, from: Side, bytes: Bytes) {
+        let cx = &mut self.cx;
+        match (&mut self.state, from) {
+            (State::Tunnel(t), _) => t.relay(cx, from, bytes),
+            (State::Exchange(ex), Side::Upstream) => {
+                let next = ex.on_upstream_data(cx, bytes);
+                self.settle(next);
+            }
+            (State::Idle(_) | State::Exchange(_), Side::Client) => {
+                cx.rx_len += bytes.len();
+                cx.rx.push_back(bytes);
+                let l = &cx.config.limits;
+                if cx.rx_len > 2 * (l.max_held + l.queue + l.max_head) {
+                    self.close(CloseReason::Overflow);
+                }
+            }
+            // Unread bytes after a final response are drained and dropped.
+            _ => {}
+        }
+    }
+
+    fn on_client_eof(&mut self) {
+        let cx = &mut self.cx;
+        cx.client_eof = true;
+        match &mut self.state {
+            State::Tunnel(t) => {
+                if let Some(reason) = t.eof(cx, Side::Client) {
+                    self.close(reason);
+                }
+            }
+            State::Lingering => self.close(CloseReason::ClientClosed),
+            State::Closing => self.progress_closing(),
+            // Idle and Exchange notice the EOF once the queued bytes are consumed.
+            _ => {}
+        }
+    }
+
+    /// The upstream closed (`reset`: failed).
+    fn on_upstream_eof(&mut self, reset: bool) {
+        match &mut self.state {
+            State::Tunnel(_) if reset => self.close(CloseReason::UpstreamReset),
+            State::Tunnel(t) => {
+                if let Some(reason) = t.eof(&mut self.cx, Side::Upstream) {
+                    self.close(reason);
+                }
+            }
+            State::Exchange(ex) => {
+                let next = ex.on_upstream_eof(&mut self.cx, reset);
+                self.settle(next);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_sent(&mut self, to: Side, len: usize) {
+        let cx = &mut self.cx;
+        let i = to.index();
+        cx.in_flight[i] = cx.in_flight[i].saturating_sub(len);
+        if cx.in_flight[i] == 0 {
+            cx.timers.stop(send_timer(to));
+        } else if len > 0 {
+            cx.timers.arm(send_timer(to), cx.now, cx.timeouts().send);
+        }
+        match &mut self.state {
+            State::Closing if to == Side::Client => self.progress_closing(),
+            State::Tunnel(t) => {
+                if let Some(reason) = t.progress(cx) {
+                    self.close(reason);
+                }
+            }
+            State::Exchange(ex) if to == Side::Upstream => ex.on_upstream_drained(cx),
+            _ => {}
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer) {
+        let reason = CloseReason::Timeout(timer);
+        match (&mut self.state, timer) {
+            (State::Idle(_), Timer::RequestHead | Timer::KeepAlive) => self.on_idle_timeout(timer),
+            (State::Exchange(_), Timer::ClientBody) => self.settle(Next::Fail(408, reason)),
+            (State::Exchange(ex), Timer::Connect) => {
+                let next = ex.on_connect_timeout(&mut self.cx);
+                self.settle(next);
+            }
+            (State::Exchange(ex), Timer::UpstreamRead) if !ex.response_head_done() => {
+                self.settle(Next::Fail(504, reason))
+            }
+            // Connection-level timers left over from a state that has ended mean nothing now.
+            (_, Timer::RequestHead | Timer::KeepAlive | Timer::Connect) => {}
+            (State::Lingering, Timer::Linger) => self.close(CloseReason::ClientClosed),
+            (State::Tunnel(t), Timer::TunnelIdle) if !t.idle_expired(&mut self.cx) => {}
+            (_, Timer::Drain) => self.close(CloseReason::Drain),
+            // Every other timer that fires means a peer stalled: the send timers, the rest of
+            // the response, the tunnel's idle, lifetime and half-close limits.
+            _ => self.close(reason),
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped before it closed (an adapter forcing a shutdown) still gives its
+    /// upstream slot back, so least-connections and `max_conns` never count a ghost.
+    fn drop(&mut self) {
+        let up = match &self.state {
+            State::Exchange(ex) => ex.upstream(),
+            State::Tunnel(t) => Some(t.upstream()),
+            _ => None,
+        };
+        if let Some(up) = up {
+            self.cx.balancer.release(up.group, up.server);
+        }
+    }
+}
+
+impl Conn {
+    fn advance(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    /// Emits the access-log event of a finished exchange (`tunnel`: when it became a tunnel).
+    fn log(&mut self, record: Record, close: Option<CloseReason>, tunnel: Option<Instant>) {
+        let log = record.finish(self, close, tunnel);
+        self.emit(Event::Exchange(log));
+    }
 
     /// The peer of an upstream connection (the configuration holds it; the connection does not
     /// keep a copy).
@@ -353,21 +756,6 @@ impl Session {
             .and_then(|g| g.servers.get(usize::from(up.server)))
             .map(|s| s.peer.clone())
             .unwrap_or_else(|| Peer::new("unknown", 0))
-    }
-
-    /// The HTTP parts (recreated if a tunnel had dropped them; no HTTP path runs after one).
-    fn http(&mut self) -> &mut HttpParts {
-        self.http.get_or_insert_with(Box::default)
-    }
-
-    /// Whether no byte of a request head is buffered.
-    fn request_head_empty(&self) -> bool {
-        self.http.as_ref().is_none_or(|h| h.request_head.is_empty())
-    }
-
-    /// Whether a PROXY protocol header is still awaited.
-    fn awaits_proxy_header(&self) -> bool {
-        self.http.as_ref().is_some_and(|h| h.proxy_header.is_some())
     }
 
     /// The route of the current request, if it came from a virtual host.
@@ -384,21 +772,24 @@ impl Session {
             .unwrap_or(&self.config.timeouts)
     }
 
-    fn advance(&mut self, now: Instant) {
-        self.now = self.now.max(now);
+    /// The request body limit on the current route.
+    fn route_max_body(&self) -> u64 {
+        self.route()
+            .and_then(|r| r.settings.max_body)
+            .unwrap_or(self.config.limits.max_body)
     }
 
-    /// Makes as much progress as the current state allows with the bytes already received.
-    fn drive(&mut self) {
-        loop {
-            let progressed = match self.state {
-                State::Idle => self.step_idle(),
-                State::Exchange => self.step_request_body(),
-                _ => false,
-            };
-            if !progressed {
-                break;
-            }
+    fn pop_rx(&mut self) -> Option<Bytes> {
+        let chunk = self.rx.pop_front()?;
+        self.rx_len -= chunk.len();
+        Some(chunk)
+    }
+
+    /// Puts back the unconsumed rest of a chunk taken with [`pop_rx`](Self::pop_rx).
+    fn unpop_rx(&mut self, rest: Bytes) {
+        if !rest.is_empty() {
+            self.rx_len += rest.len();
+            self.rx.push_front(rest);
         }
     }
 
@@ -408,8 +799,8 @@ impl Session {
         }
         let i = to.index();
         if self.in_flight[i] == 0 {
-            self.timers
-                .arm(send_timer(to), self.now, self.timeouts().send);
+            let after = self.timeouts().send;
+            self.timers.arm(send_timer(to), self.now, after);
         }
         self.in_flight[i] += bytes.len();
         self.sent_total[i] += bytes.len() as u64;
@@ -417,11 +808,11 @@ impl Session {
     }
 
     /// Writes a decoded body piece to `to`, re-chunking canonically when `chunked`.
-    fn forward_piece(&mut self, to: Side, piece: Piece, chunked: bool) {
+    fn forward_piece(&mut self, to: Side, piece: Piece, chunked: bool, scratch: &mut BytesMut) {
         match piece {
             Piece::Data(b) => self.send(to, b),
             Piece::ChunkStart(size) if chunked => {
-                let line = chunk_size_line(size, &mut self.http().scratch);
+                let line = chunk_size_line(size, scratch);
                 self.send(to, line);
             }
             Piece::ChunkEnd if chunked => self.send(to, Bytes::from_static(CHUNK_END)),
@@ -430,221 +821,37 @@ impl Session {
         }
     }
 
-    fn on_sent(&mut self, to: Side, len: usize) {
-        let i = to.index();
-        self.in_flight[i] = self.in_flight[i].saturating_sub(len);
-        if self.in_flight[i] == 0 {
-            self.timers.stop(send_timer(to));
-        } else if len > 0 {
-            self.timers
-                .arm(send_timer(to), self.now, self.timeouts().send);
-        }
-        match self.state {
-            State::Closing if to == Side::Client => self.progress_closing(),
-            State::Tunnel(_) => self.tunnel_progress(),
-            State::Exchange if to == Side::Upstream => self.on_upstream_drained(),
-            _ => {}
-        }
-    }
-
-    fn on_client_data(&mut self, bytes: Bytes) {
-        match self.state {
-            State::Tunnel(_) => self.tunnel_data(Side::Client, bytes),
-            State::Idle | State::Exchange => {
-                self.client_rx_len += bytes.len();
-                self.client_rx.push_back(bytes);
-                let l = &self.config.limits;
-                if self.client_rx_len > 2 * (l.max_held + l.queue + l.max_head) {
-                    self.abort(CloseReason::Overflow);
-                }
-            }
-            // Unread bytes after a final response are drained and dropped.
-            State::Closing | State::Lingering | State::Done => {}
-        }
-    }
-
-    fn on_client_eof(&mut self) {
-        self.client_eof = true;
-        match self.state {
-            State::Tunnel(_) => self.tunnel_eof(Side::Client),
-            State::Lingering => self.close_all(),
-            State::Closing => self.progress_closing(),
-            // Idle and Exchange notice the EOF once the queued bytes are consumed.
-            _ => {}
-        }
-    }
-
-    fn on_timer(&mut self, timer: Timer) {
-        match timer {
-            Timer::RequestHead | Timer::KeepAlive => self.on_idle_timeout(timer),
-            Timer::ClientBody => self.fail(408, CloseReason::Timeout(timer)),
-            Timer::Connect => self.on_connect_timeout(),
-            Timer::UpstreamRead => {
-                if self
-                    .exchange
-                    .as_ref()
-                    .is_some_and(|ex| !ex.response_head_done())
-                {
-                    self.fail(504, CloseReason::Timeout(timer));
-                } else {
-                    self.abort(CloseReason::Timeout(timer));
-                }
-            }
-            Timer::SendClient | Timer::SendUpstream => self.abort(CloseReason::Timeout(timer)),
-            Timer::TunnelIdle | Timer::TunnelLifetime | Timer::Fin => {
-                self.abort(CloseReason::Timeout(timer))
-            }
-            Timer::Drain => self.abort(CloseReason::Drain),
-            Timer::Linger => self.close_all(),
-        }
-    }
-
-    /// Closes after the last response is flushed: FIN to the client, then drain its unread
-    /// bytes until it closes or the linger timer fires.
-    fn begin_closing(&mut self) {
-        self.release_upstream(false);
-        self.stop_http_timers();
-        self.client_rx.clear();
-        self.client_rx_len = 0;
-        self.http().request_head.clear();
-        self.state = State::Closing;
-        self.progress_closing();
-    }
-
-    fn progress_closing(&mut self) {
-        if !matches!(self.state, State::Closing) || self.in_flight[Side::Client.index()] > 0 {
-            return;
-        }
-        if self.client_eof {
-            self.close_all();
-        } else {
-            self.outputs
-                .push_back(Output::ShutdownWrite { side: Side::Client });
-            self.state = State::Lingering;
-            self.timers
-                .arm(Timer::Linger, self.now, self.config.timeouts.linger);
-            if self.timers.get(Timer::Linger).is_none() {
-                self.close_all();
-            }
-        }
-    }
-
-    /// Closes a connection that is not an HTTP client to answer (a PROXY protocol failure),
-    /// logging it with `reason`.
-    fn close_without_answer(&mut self, reason: CloseReason) {
-        let sent = self.sent_total[Side::Client.index()];
-        self.exchange = Some(exchange::refused_exchange(
-            self.client_rx_len as u64,
-            self.now,
-            sent,
-            &self.client,
-        ));
-        self.log_exchange(Some(reason));
-        self.close_all();
-    }
-
-    /// Feeds the awaited PROXY protocol header; true once the session can go on with HTTP
-    /// (the header is complete and applied), false while waiting or after closing.
-    fn take_proxy_header(&mut self) -> bool {
-        let Some(buf) = self.http.as_mut().and_then(|h| h.proxy_header.as_mut()) else {
-            return true;
-        };
-        while let Some(chunk) = self.client_rx.pop_front() {
-            self.client_rx_len -= chunk.len();
-            let before = buf.len();
-            buf.extend_from_slice(&chunk[..chunk.len().min(proxy_protocol::V2_MAX)]);
-            match proxy_protocol::parse(buf) {
-                Ok(None) => {
-                    if chunk.len() > proxy_protocol::V2_MAX {
-                        return self.proxy_failed(ProxyError::TooLong);
-                    }
-                }
-                Ok(Some((header, len))) => {
-                    // The client's own bytes start after the header, in this chunk.
-                    let rest = chunk.slice((len - before).min(chunk.len())..);
-                    if !rest.is_empty() {
-                        self.client_rx_len += rest.len();
-                        self.client_rx.push_front(rest);
-                    }
-                    if let ProxyHeader::Proxied { source, .. } = header {
-                        self.client.addr = source;
-                    }
-                    self.http().proxy_header = None;
-                    return true;
-                }
-                Err(e) => return self.proxy_failed(e),
-            }
-        }
-        if self.client_eof {
-            return self.proxy_failed(ProxyError::Missing);
-        }
-        false
-    }
-
-    fn proxy_failed(&mut self, e: ProxyError) -> bool {
-        self.http().proxy_header = None;
-        self.close_without_answer(CloseReason::ProxyProtocol(Some(e)));
-        false
-    }
-
-    fn abort(&mut self, reason: CloseReason) {
-        if matches!(self.state, State::Done) {
-            return;
-        }
-        self.log_exchange(Some(reason));
-        self.close_all();
-    }
-
-    /// Gives up the current upstream connection's slot in the balancer; the caller closes or
-    /// releases the connection itself.
-    fn take_upstream(&mut self) -> Option<Upstream> {
-        let up = self.upstream.take()?;
-        self.balancer.release(up.group, up.server);
-        if let State::Tunnel(_) = self.state {
-            let duration = self
-                .exchange
-                .as_ref()
-                .and_then(|ex| ex.tunnel_started)
-                .map(|t| self.now.saturating_duration_since(t))
-                .unwrap_or_default();
-            self.outputs.push_back(Output::Event(Event::TunnelClosed {
-                peer: self.peer_of(&up),
-                duration,
-            }));
-        }
-        Some(up)
-    }
-
-    fn close_all(&mut self) {
-        if self.take_upstream().is_some() {
-            self.outputs.push_back(Output::Close {
-                side: Side::Upstream,
-            });
-        }
-        self.outputs.push_back(Output::Close { side: Side::Client });
-        self.timers.stop_all();
-        self.client_rx.clear();
-        self.client_rx_len = 0;
-        self.exchange = None;
-        self.state = State::Done;
-    }
-
-    /// Gives the upstream connection back: to the pool if `reusable`, else to be closed.
-    fn release_upstream(&mut self, reusable: bool) {
-        if let Some(up) = self.take_upstream() {
+    /// Gives an upstream connection back: to the pool if `reusable` and clean, else to be
+    /// closed. Either way the balancer stops counting it.
+    fn release(&mut self, upstream: Option<Upstream>, reusable: bool) {
+        if let Some(up) = upstream {
+            self.balancer.release(up.group, up.server);
             let reusable =
                 reusable && up.connected && !up.eof && self.in_flight[Side::Upstream.index()] == 0;
-            if up.connected {
-                self.outputs.push_back(Output::ReleaseUpstream {
+            self.outputs.push_back(if up.connected {
+                Output::ReleaseUpstream {
                     id: up.id,
                     reusable,
-                });
+                }
             } else {
-                self.outputs.push_back(Output::Close {
+                Output::Close {
                     side: Side::Upstream,
-                });
-            }
+                }
+            });
         }
+        self.forget_upstream();
+    }
+
+    /// Closes an upstream connection without ceremony (the session is closing).
+    fn drop_upstream(&mut self, up: Upstream) {
+        self.balancer.release(up.group, up.server);
+        self.outputs.push_back(Output::Close {
+            side: Side::Upstream,
+        });
+    }
+
+    /// Forgets what was in flight to the upstream and its timers: no upstream is in use.
+    fn forget_upstream(&mut self) {
         self.in_flight[Side::Upstream.index()] = 0;
         self.timers.stop(Timer::SendUpstream);
         self.timers.stop(Timer::Connect);
@@ -662,35 +869,6 @@ impl Session {
             self.timers.stop(t);
         }
     }
-
-    /// Emits the current exchange's event, once.
-    fn log_exchange(&mut self, close: Option<CloseReason>) {
-        let Some(ex) = self.exchange.as_mut() else {
-            return;
-        };
-        if ex.logged {
-            return;
-        }
-        ex.logged = true;
-        let log = ex.finish_log(
-            self.now,
-            self.sent_total[Side::Client.index()],
-            close,
-            &self.state,
-        );
-        self.outputs
-            .push_back(Output::Event(Event::Exchange(Box::new(log))));
-    }
-}
-
-impl Drop for Session {
-    /// A session dropped before it closed (an adapter forcing a shutdown) still gives its
-    /// upstream slot back, so least-connections and `max_conns` never count a ghost.
-    fn drop(&mut self) {
-        if let Some(up) = self.upstream.take() {
-            self.balancer.release(up.group, up.server);
-        }
-    }
 }
 
 fn send_timer(side: Side) -> Timer {
@@ -700,13 +878,8 @@ fn send_timer(side: Side) -> Timer {
     }
 }
 
-/// Keeps `ExchangeLog` construction in one place for both halves.
-pub(crate) fn new_log(client: &PeerInfo) -> ExchangeLog {
-    empty_log(client.addr)
-}
-
-/// A log with nothing in it; allocation-free, so it can stand in for a moved-out one.
-pub(crate) fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
+/// A log with nothing in it yet.
+fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
     ExchangeLog {
         client,
         request_line: String::new(),
