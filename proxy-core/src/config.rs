@@ -27,6 +27,8 @@
 //! | `limits.max_held` | 64 KiB | — | client bytes held while the upstream has not answered (pipelining, might-switch) |
 //! | `limits.queue` | 64 KiB | — | unacknowledged bytes per direction before the source stops being read |
 //! | `limits.max_requests` | 1000 | `keepalive_requests` | requests per client connection |
+//!
+//! [`WebSocket`] (the frame-aware tunnel) is off unless configured; its own table is on the type.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -67,6 +69,82 @@ pub struct Config {
     /// Listeners behind an L4 balancer that sends a PROXY protocol header (nginx
     /// `listen ... proxy_protocol`); `None` for none.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The frame-aware WebSocket tunnel (keepalive pings, dead-peer detection, Close 1001 on
+    /// drain, message limits); `None`: tunnels relay opaque bytes. A route may set its own.
+    pub websocket: Option<WebSocket>,
+}
+
+/// The frame-aware tunnel for WebSocket upgrades. With it, the proxy reads frame headers (never
+/// payload) in both directions of a tunnel, which lets it:
+///
+/// * send its own Ping after `ping_interval` of silence from a side and close the tunnel as
+///   dead when no Pong comes within `ping_timeout` (the other side gets Close 1001); the
+///   matching Pong is consumed, the peers' own pings and pongs pass untouched;
+/// * on a drain, send Close 1001 "Going Away" to both peers at a frame boundary, at a moment
+///   spread over `close_spread` so clients do not all reconnect at once, then wait up to
+///   `close_timeout` for the closing handshake;
+/// * refuse a frame over `max_frame` or a message over `max_message` (Close 1009 to the sender,
+///   1001 to the other side) before any byte of it is passed on, and an unmasked client frame
+///   (Close 1002) when `require_mask`.
+///
+/// | field | default | meaning |
+/// |---|---|---|
+/// | `ping_interval` | off | silence from a side before the proxy pings it |
+/// | `ping_timeout` | 10 s | wait for the Pong before the peer counts as dead |
+/// | `max_frame` | 0 (none) | largest frame payload, bytes on the wire |
+/// | `max_message` | 0 (none) | largest message, bytes on the wire (compressed, with permessage-deflate) |
+/// | `close_spread` | 10 s | window over which a drain spreads its Close frames |
+/// | `close_timeout` | 5 s | wait for the peers' Close replies before the TCP close |
+/// | `require_mask` | true | client frames must be masked (RFC 6455 §5.1) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WebSocket {
+    /// Silence from a side before the proxy sends it a Ping; `None` for no keepalive.
+    pub ping_interval: Option<Duration>,
+    /// How long a Ping waits for its Pong.
+    pub ping_timeout: Duration,
+    /// Largest frame payload in bytes, 0 for no limit.
+    pub max_frame: u64,
+    /// Largest message in bytes (all its frames' payload as on the wire), 0 for no limit.
+    pub max_message: u64,
+    /// The window a drain spreads its Close frames over.
+    pub close_spread: Duration,
+    /// How long the proxy waits for the closing handshake after sending Close.
+    pub close_timeout: Duration,
+    /// Refuse unmasked client frames with Close 1002.
+    pub require_mask: bool,
+}
+
+impl Default for WebSocket {
+    fn default() -> Self {
+        WebSocket {
+            ping_interval: None,
+            ping_timeout: Duration::from_secs(10),
+            max_frame: 0,
+            max_message: 0,
+            close_spread: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            require_mask: true,
+        }
+    }
+}
+
+impl WebSocket {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if self.ping_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new(
+                format!("{field}.ping_interval"),
+                "a duration above zero (leave it out for no keepalive)",
+            ));
+        }
+        if self.ping_interval.is_some() && self.ping_timeout.is_zero() {
+            return Err(ConfigError::new(
+                format!("{field}.ping_timeout"),
+                "a duration above zero",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which connections must start with a PROXY protocol header (v1 or v2), and from whom it is
@@ -112,6 +190,7 @@ impl Config {
             upgrade_protocols: vec!["websocket".to_owned()],
             check_websocket_accept: true,
             proxy_protocol: None,
+            websocket: None,
         }
     }
 
@@ -193,7 +272,13 @@ impl Config {
                 if let Some(h) = &st.host {
                     validate_host_policy(&format!("{field}.host"), h)?;
                 }
+                if let Some(w) = &st.websocket {
+                    w.validate(&format!("{field}.websocket"))?;
+                }
             }
+        }
+        if let Some(w) = &self.websocket {
+            w.validate("websocket")?;
         }
         let l = &self.limits;
         if l.max_head < 64 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::config::Peer;
 use crate::error::{RequestError, ResponseError};
-use crate::io::ConnectError;
+use crate::io::{ConnectError, Side};
 use crate::proxy_protocol::ProxyError;
 use crate::timer::Timer;
 
@@ -84,8 +84,35 @@ pub struct ExchangeLog {
     pub upgraded: bool,
     /// How long the tunnel lasted.
     pub tunnel_duration: Option<Duration>,
+    /// What the frame-aware tunnel counted (`None` for an opaque tunnel or no tunnel).
+    pub websocket: Option<WebSocketLog>,
     /// Why the client connection closed after this exchange; `None` if it stays open.
     pub close: Option<CloseReason>,
+}
+
+/// What a frame-aware tunnel saw, per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WebSocketLog {
+    /// Frames and messages the client sent.
+    pub from_client: FrameCounts,
+    /// Frames and messages the upstream sent.
+    pub from_upstream: FrameCounts,
+    /// Pings the proxy sent of its own (both sides).
+    pub proxy_pings: u64,
+}
+
+/// Counts for one direction of a frame-aware tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FrameCounts {
+    /// Frames, control frames included.
+    pub frames: u64,
+    /// Complete messages (counted at their final frame).
+    pub messages: u64,
+    /// The status code of the Close frame this side sent, if it sent one (1005 for a Close
+    /// without a code).
+    pub close_code: Option<u16>,
 }
 
 /// Why a connection closed.
@@ -131,7 +158,18 @@ pub enum CloseReason {
     /// Every upstream server was busy (at `max_conns`): the request was not sent.
     #[error("no upstream server available")]
     NoUpstream,
-    /// A graceful drain's deadline ended the tunnel.
+    /// A graceful drain's deadline ended the tunnel (or, on a frame-aware tunnel, the drain's
+    /// Close 1001 and the closing handshake did).
     #[error("drained")]
     Drain,
+    /// A peer of a frame-aware tunnel did not answer the proxy's Ping in time.
+    #[error("{0:?} did not answer a ping: dead")]
+    PeerDead(Side),
+    /// A peer of a frame-aware tunnel sent a frame or message over the limit (Close 1009).
+    #[error("{0:?} sent a message over the limit")]
+    MessageTooBig(Side),
+    /// A peer of a frame-aware tunnel broke WebSocket framing, or a client sent an unmasked
+    /// frame (Close 1002).
+    #[error("{0:?} broke the WebSocket protocol")]
+    WebSocketProtocol(Side),
 }

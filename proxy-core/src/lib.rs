@@ -111,6 +111,7 @@ mod body;
 mod error;
 mod event;
 mod fields;
+mod frame;
 mod head;
 pub mod health;
 mod io;
@@ -126,10 +127,11 @@ mod upgrade;
 pub use balance::{key_hash, Balancer, Choice};
 pub use config::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer,
-    ProxyProtocol, Template, Timeouts, UpstreamGroup, UpstreamServer, Variable, DEFAULT_GROUP,
+    ProxyProtocol, Template, Timeouts, UpstreamGroup, UpstreamServer, Variable, WebSocket,
+    DEFAULT_GROUP,
 };
 pub use error::{ConfigError, RequestError, ResponseError};
-pub use event::{CloseReason, Event, ExchangeLog};
+pub use event::{CloseReason, Event, ExchangeLog, FrameCounts, WebSocketLog};
 pub use io::{ConnectError, Input, Output, PeerInfo, Scheme, Side, UpstreamId};
 pub use pool::IdlePool;
 pub use route::{PathMatch, Route, RouteSettings, ServerName, VirtualHost};

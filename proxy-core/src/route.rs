@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
-use crate::config::{HeaderRule, HostPolicy, Timeouts};
+use crate::config::{HeaderRule, HostPolicy, Timeouts, WebSocket};
 use crate::error::ConfigError;
 
 /// A virtual host (nginx `server`): the names it answers to and its routes.
@@ -165,6 +165,8 @@ pub struct RouteSettings {
     pub upgrade_protocols: Option<Vec<String>>,
     /// Request body limit in bytes, 0 for none.
     pub max_body: Option<u64>,
+    /// The frame-aware tunnel for WebSocket upgrades on this route (replaces the global one).
+    pub websocket: Option<WebSocket>,
 }
 
 /// Where a request goes: indices into the configuration.

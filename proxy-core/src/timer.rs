@@ -31,10 +31,15 @@ pub enum Timer {
     Linger,
     /// A graceful drain's deadline for this session.
     Drain,
+    /// A frame-aware tunnel's next keepalive check: a Ping due, or a Pong overdue.
+    Keepalive,
+    /// A frame-aware tunnel's closing: the moment a drain sends Close 1001, then the end of
+    /// the wait for the closing handshake.
+    WebSocketClose,
 }
 
 impl Timer {
-    pub(crate) const ALL: [Timer; 12] = [
+    pub(crate) const ALL: [Timer; 14] = [
         Timer::RequestHead,
         Timer::KeepAlive,
         Timer::ClientBody,
@@ -47,6 +52,8 @@ impl Timer {
         Timer::Fin,
         Timer::Linger,
         Timer::Drain,
+        Timer::Keepalive,
+        Timer::WebSocketClose,
     ];
 
     fn index(self) -> usize {

@@ -34,6 +34,7 @@
 mod exchange;
 mod idle;
 mod tunnel;
+mod websocket;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use crate::upgrade::UpgradeRequest;
 
 use self::exchange::{Exchange, Next};
 use self::tunnel::Tunnel;
+use self::websocket::Frames;
 
 /// Output slots a tunnel keeps: a relayed chunk produces one `Send` at a time.
 const TUNNEL_OUTPUTS: usize = 4;
@@ -328,7 +330,7 @@ impl Session {
         let cx = &mut self.cx;
         cx.advance(now);
         cx.draining = true;
-        match &self.state {
+        match &mut self.state {
             State::Idle(http) if http.request_head.is_empty() && cx.rx_len == 0 => {
                 // Between requests with nothing unread or unsent: close now, as the keep-alive
                 // timeout does, rather than linger and delay the shutdown.
@@ -338,7 +340,7 @@ impl Session {
                     self.begin_closing();
                 }
             }
-            State::Tunnel(_) => cx.timers.arm_at(Timer::Drain, tunnel_deadline.max(cx.now)),
+            State::Tunnel(t) => t.start_drain(cx, tunnel_deadline),
             _ => {}
         }
         self.drive();
@@ -510,20 +512,23 @@ impl Session {
             peer: cx.peer_of(&up),
         });
         // HTTP is over for this connection: its parsing state goes with the exchange.
-        let (record, _, _) = ex.into_parts();
-        let mut tunnel = Tunnel::new(record, up, cx.now);
-        tunnel.relay(cx, Side::Upstream, rest);
+        let (record, _, http) = ex.into_parts();
+        let websocket = http.upgrade.as_ref().is_some_and(|u| u.is_websocket);
+        let frames = cx
+            .websocket()
+            .filter(|_| websocket)
+            .map(|settings| Frames::new(settings, cx));
+        let mut tunnel = Tunnel::new(record, up, cx.now, frames);
+        let mut end = tunnel.relay(cx, Side::Upstream, rest);
         // Held bytes go upstream, and the queue that held them is freed: the tunnel never
         // uses it again.
         for held in std::mem::take(&mut cx.rx) {
-            tunnel.relay(cx, Side::Client, held);
+            end = end.or(tunnel.relay(cx, Side::Client, held));
         }
         cx.rx_len = 0;
-        let end = if cx.client_eof {
-            tunnel.eof(cx, Side::Client)
-        } else {
-            None
-        };
+        if cx.client_eof {
+            end = end.or(tunnel.eof(cx, Side::Client));
+        }
         self.state = State::Tunnel(tunnel);
         if let Some(reason) = end {
             self.close(reason);
@@ -622,7 +627,11 @@ impl Session {
     fn on_data(&mut self, from: Side, bytes: Bytes) {
         let cx = &mut self.cx;
         match (&mut self.state, from) {
-            (State::Tunnel(t), _) => t.relay(cx, from, bytes),
+            (State::Tunnel(t), _) => {
+                if let Some(reason) = t.relay(cx, from, bytes) {
+                    self.close(reason);
+                }
+            }
             (State::Exchange(ex), Side::Upstream) => {
                 let next = ex.on_upstream_data(cx, bytes);
                 self.settle(next);
@@ -710,6 +719,17 @@ impl Session {
             (_, Timer::RequestHead | Timer::KeepAlive | Timer::Connect) => {}
             (State::Lingering, Timer::Linger) => self.close(CloseReason::ClientClosed),
             (State::Tunnel(t), Timer::TunnelIdle) if !t.idle_expired(&mut self.cx) => {}
+            (State::Tunnel(t), Timer::Keepalive) => {
+                if let Some(reason) = t.on_keepalive(&mut self.cx) {
+                    self.close(reason);
+                }
+            }
+            (State::Tunnel(t), Timer::WebSocketClose) => {
+                if let Some(reason) = t.on_close_timer(&mut self.cx) {
+                    self.close(reason);
+                }
+            }
+            (_, Timer::Keepalive | Timer::WebSocketClose) => {}
             (_, Timer::Drain) => self.close(CloseReason::Drain),
             // Every other timer that fires means a peer stalled: the send timers, the rest of
             // the response, the tunnel's idle, lifetime and half-close limits.
@@ -770,6 +790,13 @@ impl Conn {
         self.route()
             .and_then(|r| r.settings.timeouts.as_ref())
             .unwrap_or(&self.config.timeouts)
+    }
+
+    /// The frame-aware tunnel settings on the current route, if any.
+    fn websocket(&self) -> Option<crate::config::WebSocket> {
+        self.route()
+            .and_then(|r| r.settings.websocket)
+            .or(self.config.websocket)
     }
 
     /// The request body limit on the current route.
@@ -898,6 +925,7 @@ fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
         upstream_failures: Vec::new(),
         upgraded: false,
         tunnel_duration: None,
+        websocket: None,
         close: None,
     }
 }

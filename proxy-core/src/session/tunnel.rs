@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::websocket::Frames;
 use super::{Conn, Record, Upstream};
 use crate::event::{CloseReason, Event};
 use crate::io::{Output, Side};
@@ -27,6 +28,9 @@ pub(super) struct Tunnel {
     /// The last time a byte moved. The idle timer is re-armed from it only when it fires, so
     /// relaying a message costs no timer arithmetic.
     last_active: Instant,
+    /// The frame-aware side, when configured for a WebSocket tunnel; `None` relays opaque
+    /// bytes.
+    frames: Option<Box<Frames>>,
 }
 
 /// One direction of a tunnel.
@@ -60,7 +64,12 @@ impl TunnelDirection {
 }
 
 impl Tunnel {
-    pub(super) fn new(record: Record, upstream: Upstream, now: Instant) -> Self {
+    pub(super) fn new(
+        record: Record,
+        upstream: Upstream,
+        now: Instant,
+        frames: Option<Box<Frames>>,
+    ) -> Self {
         Tunnel {
             dirs: Default::default(),
             first_eof: None,
@@ -68,6 +77,7 @@ impl Tunnel {
             record,
             started: now,
             last_active: now,
+            frames,
         }
     }
 
@@ -79,16 +89,42 @@ impl Tunnel {
         &self.upstream
     }
 
-    /// Passes bytes read from `from` to the other side.
-    pub(super) fn relay(&mut self, cx: &mut Conn, from: Side, bytes: Bytes) {
+    /// Passes bytes read from `from` to the other side. Returns why the tunnel ends, if a
+    /// frame-aware tunnel ends now.
+    pub(super) fn relay(&mut self, cx: &mut Conn, from: Side, bytes: Bytes) -> Option<CloseReason> {
         if !self.dirs[from.index()].pass(bytes.len()) {
-            return;
+            return None;
         }
         if from == Side::Client {
             self.record.log.bytes_from_client += bytes.len() as u64;
         }
         self.last_active = cx.now;
-        cx.send(from.other(), bytes);
+        match &mut self.frames {
+            None => {
+                cx.send(from.other(), bytes);
+                None
+            }
+            Some(f) => f.relay(cx, from, bytes),
+        }
+    }
+
+    /// The keepalive timer fired.
+    pub(super) fn on_keepalive(&mut self, cx: &mut Conn) -> Option<CloseReason> {
+        self.frames.as_mut()?.on_keepalive(cx)
+    }
+
+    /// The WebSocket closing timer fired.
+    pub(super) fn on_close_timer(&mut self, cx: &mut Conn) -> Option<CloseReason> {
+        self.frames.as_mut()?.on_close_timer(cx)
+    }
+
+    /// A drain began; the tunnel is closed at `deadline` at the latest. A frame-aware tunnel
+    /// closes itself before that with Close 1001.
+    pub(super) fn start_drain(&mut self, cx: &mut Conn, deadline: Instant) {
+        cx.timers.arm_at(Timer::Drain, deadline.max(cx.now));
+        if let Some(f) = &mut self.frames {
+            f.start_drain(cx, deadline);
+        }
     }
 
     /// The idle timer fired: true if the tunnel really was idle that long, else the timer is
@@ -109,11 +145,17 @@ impl Tunnel {
     pub(super) fn eof(&mut self, cx: &mut Conn, from: Side) -> Option<CloseReason> {
         self.dirs[from.index()].eof = true;
         self.first_eof.get_or_insert(from);
+        if let Some(end) = self.frames.as_mut().and_then(|f| f.on_eof(cx, from)) {
+            return Some(end);
+        }
         self.progress(cx)
     }
 
     /// Passes on FINs whose direction is flushed. Returns why the tunnel ends once both are.
     pub(super) fn progress(&mut self, cx: &mut Conn) -> Option<CloseReason> {
+        if let Some(end) = self.frames.as_ref().and_then(|f| f.finished(cx)) {
+            return Some(end);
+        }
         // Nothing to pass on before the first FIN: the common case, one check per write.
         self.first_eof?;
         let mut shut_now = [false; 2];
@@ -143,7 +185,8 @@ impl Tunnel {
     }
 
     /// Ends the tunnel: logs it with `reason`, gives the upstream back and closes it.
-    pub(super) fn close(self, cx: &mut Conn, reason: CloseReason) {
+    pub(super) fn close(mut self, cx: &mut Conn, reason: CloseReason) {
+        self.record.log.websocket = self.frames.as_ref().map(|f| f.log());
         cx.log(self.record, Some(reason), Some(self.started));
         let peer = cx.peer_of(&self.upstream);
         cx.emit(Event::TunnelClosed {
