@@ -9,6 +9,14 @@
 //! to and received from the client over the whole tunnel, and `$request_time` is its duration
 //! (from the first byte of the upgrade request). Times are in seconds with millisecond
 //! resolution, in UTC.
+//!
+//! A frame-aware WebSocket tunnel adds one quoted field: messages and frames from the client /
+//! from the upstream, the close codes each sent (`-` for none), the proxy's own pings, and why
+//! the tunnel ended:
+//!
+//! ```text
+//! ... 12.034 12.033 1024 "ws msgs=3/5 frames=4/6 close=1001/- pings=2 end=client did not answer a ping: dead"
+//! ```
 
 use std::fs::OpenOptions;
 use std::io::{self, LineWriter, Write};
@@ -16,7 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proxy_core::ExchangeLog;
+use proxy_core::{CloseReason, ExchangeLog, WebSocketLog};
 
 /// Where access log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +83,12 @@ pub fn format_line(log: &ExchangeLog, now: SystemTime) -> String {
     } else {
         log.request_line.as_str()
     };
+    let ws = log
+        .websocket
+        .map(|w| format!(" \"{}\"", escape(&ws_field(&w, log.close.as_ref()))))
+        .unwrap_or_default();
     format!(
-        "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" {} {} {}\n",
+        "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" {} {} {}{ws}\n",
         log.client.ip().to_canonical(),
         time_local(now),
         escape(request),
@@ -90,6 +102,42 @@ pub fn format_line(log: &ExchangeLog, now: SystemTime) -> String {
             .unwrap_or_else(|| "-".to_owned()),
         log.bytes_from_client,
     )
+}
+
+/// The frame-aware tunnel's field (see the module docs).
+fn ws_field(w: &WebSocketLog, close: Option<&CloseReason>) -> String {
+    let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
+    let (c, u) = (&w.from_client, &w.from_upstream);
+    let end = match close {
+        Some(CloseReason::PeerDead(side)) => {
+            format!("{} did not answer a ping: dead", side_name(*side))
+        }
+        Some(CloseReason::MessageTooBig(side)) => {
+            format!("{} sent a message over the limit", side_name(*side))
+        }
+        Some(CloseReason::WebSocketProtocol(side)) => {
+            format!("{} broke the WebSocket protocol", side_name(*side))
+        }
+        Some(other) => other.to_string(),
+        None => "-".to_owned(),
+    };
+    format!(
+        "ws msgs={}/{} frames={}/{} close={}/{} pings={} end={end}",
+        c.messages,
+        u.messages,
+        c.frames,
+        u.frames,
+        code(c.close_code),
+        code(u.close_code),
+        w.proxy_pings,
+    )
+}
+
+fn side_name(side: proxy_core::Side) -> &'static str {
+    match side {
+        proxy_core::Side::Client => "client",
+        proxy_core::Side::Upstream => "upstream",
+    }
 }
 
 fn seconds(d: Duration) -> String {
@@ -164,6 +212,21 @@ mod tests {
         assert_eq!(
             time_local(UNIX_EPOCH + Duration::from_secs(951_825_600)),
             "29/Feb/2000:12:00:00 +0000"
+        );
+    }
+
+    #[test]
+    fn websocket_field() {
+        let mut w = WebSocketLog::default();
+        w.from_client.messages = 3;
+        w.from_client.frames = 4;
+        w.from_upstream.messages = 5;
+        w.from_upstream.frames = 6;
+        w.from_upstream.close_code = Some(1001);
+        w.proxy_pings = 2;
+        assert_eq!(
+            ws_field(&w, Some(&CloseReason::PeerDead(proxy_core::Side::Client))),
+            "ws msgs=3/5 frames=4/6 close=-/1001 pings=2 end=client did not answer a ping: dead"
         );
     }
 

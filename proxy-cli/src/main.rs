@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use settings::{Overrides, RuntimeKind, Settings};
-use units::parse_duration;
+use units::{parse_duration, parse_size};
 
 /// A reverse proxy for WebSocket and HTTP/1.1 that is correct by default.
 ///
@@ -80,6 +80,18 @@ struct RunArgs {
     /// (HAProxy `timeout tunnel`) [default: 1h].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     tunnel_idle_timeout: Option<Duration>,
+    /// WebSocket tunnels: ping a side after this long without a byte from it, and close the
+    /// tunnel as dead if no Pong follows (turns the frame-aware tunnel on) [default: off].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ws_ping_interval: Option<Duration>,
+    /// How long the proxy's Ping waits for its Pong (turns the frame-aware tunnel on)
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ws_ping_timeout: Option<Duration>,
+    /// Largest WebSocket message a peer may send; over it, Close 1009 (turns the frame-aware
+    /// tunnel on) [default: none].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    ws_max_message: Option<u64>,
     /// On SIGTERM/SIGINT, how long open tunnels may stay before they are closed [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
@@ -166,6 +178,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 read_timeout: a.read_timeout,
                 send_timeout: a.send_timeout,
                 tunnel_idle_timeout: a.tunnel_idle_timeout,
+                ws_ping_interval: a.ws_ping_interval,
+                ws_ping_timeout: a.ws_ping_timeout,
+                ws_max_message: a.ws_max_message,
                 drain_timeout: a.drain_timeout,
                 workers: a.workers,
                 runtime: a.runtime,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proxy_core::health::{HealthCheck, HealthKind};
 use proxy_core::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, ProxyProtocol,
-    Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost,
+    Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost, WebSocket,
     DEFAULT_GROUP,
 };
 use serde::Deserialize;
@@ -38,6 +38,9 @@ pub struct Overrides {
     pub read_timeout: Option<Duration>,
     pub send_timeout: Option<Duration>,
     pub tunnel_idle_timeout: Option<Duration>,
+    pub ws_ping_interval: Option<Duration>,
+    pub ws_ping_timeout: Option<Duration>,
+    pub ws_max_message: Option<u64>,
     pub drain_timeout: Option<Duration>,
     pub workers: Option<usize>,
     pub runtime: Option<RuntimeKind>,
@@ -80,6 +83,49 @@ struct File {
     /// `[[server]]` blocks: virtual hosts and their routes.
     server: Option<Vec<ServerBlock>>,
     proxy_protocol: Option<ProxyProtocolSection>,
+    websocket: Option<WebSocketSection>,
+}
+
+/// `[websocket]` (or `websocket = { ... }` in a server or route): the frame-aware tunnel. Its
+/// presence turns it on; every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebSocketSection {
+    ping_interval: Option<Dur>,
+    ping_timeout: Option<Dur>,
+    max_frame: Option<Size>,
+    max_message: Option<Size>,
+    close_spread: Option<Dur>,
+    close_timeout: Option<Dur>,
+    require_mask: Option<bool>,
+}
+
+impl WebSocketSection {
+    /// `base` with this section's keys applied.
+    fn apply(&self, mut w: WebSocket) -> WebSocket {
+        if let Some(Dur(d)) = self.ping_interval {
+            w.ping_interval = (!d.is_zero()).then_some(d);
+        }
+        if let Some(Dur(d)) = self.ping_timeout {
+            w.ping_timeout = d;
+        }
+        if let Some(Size(n)) = self.max_frame {
+            w.max_frame = n;
+        }
+        if let Some(Size(n)) = self.max_message {
+            w.max_message = n;
+        }
+        if let Some(Dur(d)) = self.close_spread {
+            w.close_spread = d;
+        }
+        if let Some(Dur(d)) = self.close_timeout {
+            w.close_timeout = d;
+        }
+        if let Some(b) = self.require_mask {
+            w.require_mask = b;
+        }
+        w
+    }
 }
 
 /// `[proxy_protocol]`: listeners behind an L4 balancer (nginx `listen ... proxy_protocol` with
@@ -249,6 +295,7 @@ struct ServerBlock {
     set_headers: Option<BTreeMap<String, String>>,
     remove_headers: Option<Vec<String>>,
     timeouts: Option<RouteTimeouts>,
+    websocket: Option<WebSocketSection>,
 }
 
 /// `[[server.route]]`: a route (nginx `location`).
@@ -264,6 +311,7 @@ struct RouteBlock {
     set_headers: Option<BTreeMap<String, String>>,
     remove_headers: Option<Vec<String>>,
     timeouts: Option<RouteTimeouts>,
+    websocket: Option<WebSocketSection>,
 }
 
 /// The timeouts a server or route may set for its exchanges and tunnels.
@@ -480,6 +528,23 @@ impl Settings {
             "trusted_proxies = {}",
             list(c.trusted_proxies.iter().map(ToString::to_string).collect())
         );
+        if let Some(w) = &c.websocket {
+            let _ = writeln!(s, "\n[websocket]");
+            let interval = w.ping_interval.unwrap_or(Duration::ZERO);
+            for (k, v) in [
+                ("ping_interval", interval),
+                ("ping_timeout", w.ping_timeout),
+                ("close_spread", w.close_spread),
+                ("close_timeout", w.close_timeout),
+            ] {
+                let _ = writeln!(s, "{k} = {:?}", format_duration(v));
+            }
+            let _ = writeln!(
+                s,
+                "max_frame = {}\nmax_message = {}\nrequire_mask = {}",
+                w.max_frame, w.max_message, w.require_mask
+            );
+        }
         s.push_str(&self.routing_table());
         s
     }
@@ -744,6 +809,22 @@ fn build(
             })?);
         }
         config.proxy_protocol = Some(policy);
+    }
+    let ws_flags = WebSocketSection {
+        ping_interval: flags.ws_ping_interval.map(Dur),
+        ping_timeout: flags.ws_ping_timeout.map(Dur),
+        max_message: flags.ws_max_message.map(Size),
+        ..WebSocketSection::default()
+    };
+    let any_flag = flags.ws_ping_interval.is_some()
+        || flags.ws_ping_timeout.is_some()
+        || flags.ws_max_message.is_some();
+    if file.websocket.is_some() || any_flag {
+        let w = file
+            .websocket
+            .unwrap_or_default()
+            .apply(WebSocket::default());
+        config.websocket = Some(ws_flags.apply(w));
     }
     let mut server_listen = Vec::new();
     for (i, block) in servers.into_iter().enumerate() {
@@ -1084,6 +1165,14 @@ fn virtual_host_from(
             .or_else(|| block.upgrade_protocols.clone())
             .map(|p| p.into_iter().map(|s| s.to_ascii_lowercase()).collect());
         st.max_body = r.max_body.or(block.max_body).map(|Size(n)| n);
+        if block.websocket.is_some() || r.websocket.is_some() {
+            // Layered like timeouts: the global settings, then the server's, then the route's.
+            let mut w = config.websocket.unwrap_or_default();
+            for layer in [&block.websocket, &r.websocket].into_iter().flatten() {
+                w = layer.apply(w);
+            }
+            st.websocket = Some(w);
+        }
         if !server_rules.is_empty() || r.set_headers.is_some() || r.remove_headers.is_some() {
             let mut rules = config.headers.clone();
             rules.extend(server_rules.iter().cloned());
@@ -1433,5 +1522,52 @@ mod tests {
         )
         .expect_err("unknown check");
         assert!(e.contains("tcp") && e.contains("ping"), "{e}");
+    }
+
+    #[test]
+    fn websocket_settings_layer_from_file_server_route_and_flags() {
+        let text = "[upstream]\npeers = [\"127.0.0.1:9000\"]\n\
+             [websocket]\nping_interval = \"30s\"\nmax_message = \"1m\"\n\
+             [[server]]\nserver_names = [\"_\"]\n\
+             [[server.route]]\npath = \"/\"\n\
+             [[server.route]]\npath = \"/chat/\"\nwebsocket = { ping_timeout = \"3s\", max_frame = \"64k\" }\n";
+        let s = load_str(text, &Overrides::default()).expect("valid");
+        let global = s.config.websocket.expect("the section turns it on");
+        assert_eq!(global.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(global.ping_timeout, Duration::from_secs(10));
+        assert_eq!(global.max_message, 1 << 20);
+        let routes = &s.config.virtual_hosts[0].routes;
+        assert_eq!(
+            routes[0].settings.websocket, None,
+            "inherits the global one"
+        );
+        let chat = routes[1].settings.websocket.expect("its own");
+        assert_eq!(chat.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(chat.ping_timeout, Duration::from_secs(3));
+        assert_eq!(chat.max_frame, 64 << 10);
+        assert_eq!(chat.max_message, 1 << 20);
+        assert!(s.to_toml().contains("[websocket]\nping_interval = \"30s\""));
+
+        let flags = Overrides {
+            upstream: vec!["127.0.0.1:9000".to_owned()],
+            ws_max_message: Some(4096),
+            ..Overrides::default()
+        };
+        let s = load_str("", &flags).expect("valid");
+        let w = s.config.websocket.expect("a ws flag turns it on");
+        assert_eq!((w.max_message, w.ping_interval), (4096, None));
+        let s = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:9000\"]\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(s.config.websocket, None, "off unless asked for");
+
+        let err = load_str(
+            "[upstream]\npeers = [\"127.0.0.1:9000\"]\n[websocket]\nping_every = \"1s\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("ping_every"), "{err}");
     }
 }

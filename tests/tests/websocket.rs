@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use proxy_core::{websocket_accept, CloseReason, ExchangeLog, ResponseError, Timer};
+use proxy_core::{
+    websocket_accept, CloseReason, Config, ExchangeLog, ResponseError, Side, Timer, WebSocket,
+};
 use switchyard_tests::origin::{http_origin, SeenRequest};
 use switchyard_tests::{config_for, runtime_tests, start_proxy, ProxyHandle, Runtime, WAIT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,6 +37,11 @@ runtime_tests! {
     half_close_in_tunnel,
     event_log_for_echo_session,
     upgrades_fail_over_from_a_dead_upstream,
+    frame_aware_silent_client_is_closed_as_dead,
+    frame_aware_live_peers_answer_pings_and_stay,
+    frame_aware_drain_sends_going_away_to_both,
+    frame_aware_oversized_message_gets_1009,
+    frame_aware_compressed_frames_pass_with_keepalive,
 }
 
 // ---- helpers ----
@@ -1190,4 +1197,256 @@ async fn event_log_for_echo_session(rt: Runtime) {
         "tunnel bytes after the 101 head: {e:?}"
     );
     assert_eq!(e.close, Some(CloseReason::UpstreamClosed), "{e:?}");
+}
+
+// ---- the frame-aware tunnel ----
+
+/// `config` with the frame-aware tunnel: pings after `interval` of silence, `timeout` for the
+/// Pong, and a short drain spread so a drain test takes well under a second.
+fn frame_aware(mut config: Config, interval: Option<Duration>, timeout: Duration) -> Config {
+    let mut w = WebSocket::default();
+    w.ping_interval = interval;
+    w.ping_timeout = timeout;
+    w.close_spread = Duration::from_millis(200);
+    w.close_timeout = Duration::from_secs(2);
+    config.websocket = Some(w);
+    config
+}
+
+/// A websocket server that answers pings (tungstenite does) and records every message until
+/// the stream ends; returns them.
+async fn recording_server() -> (SocketAddr, JoinHandle<Vec<Message>>) {
+    ws_server(|mut ws| async move {
+        let mut seen = Vec::new();
+        while let Some(Ok(msg)) = next_msg(&mut ws).await {
+            seen.push(msg);
+        }
+        seen
+    })
+    .await
+}
+
+/// The close code of the last Close among `msgs`.
+fn close_code_of(msgs: &[Message]) -> Option<u16> {
+    msgs.iter().rev().find_map(|m| match m {
+        Message::Close(Some(f)) => Some(u16::from(f.code)),
+        _ => None,
+    })
+}
+
+/// A client that vanished without a FIN (it reads, but never answers): the proxy pings it,
+/// and when no Pong comes it closes the tunnel as dead, with Close 1001 to the upstream, within
+/// ping_interval + ping_timeout (here 600 ms; checked with ten times the slack).
+async fn frame_aware_silent_client_is_closed_as_dead(rt: Runtime) {
+    let (addr, server) = recording_server().await;
+    let config = frame_aware(
+        config_for(&[addr]),
+        Some(Duration::from_millis(300)),
+        Duration::from_millis(300),
+    );
+    let proxy = start_proxy(rt, config);
+    let (mut raw, _) = Raw::ws_connect(proxy.addr, "/dead").await;
+    let started = Instant::now();
+    let ping = raw.read_frame().await;
+    assert_eq!(ping.opcode, OP_PING, "{ping:?}");
+    assert!(
+        !ping.masked && ping.payload.starts_with(b"swyd"),
+        "{ping:?}"
+    );
+    // No Pong: the proxy gives up on this client and closes its connection.
+    raw.expect_eof().await;
+    let upstream_saw = join(server, "ws server").await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "a dead client took {elapsed:?} to detect"
+    );
+    assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
+    let events = wait_events(&proxy, 1).await;
+    let e = &events[0];
+    assert_eq!(e.close, Some(CloseReason::PeerDead(Side::Client)), "{e:?}");
+    let ws = e.websocket.expect("frame counts in the log");
+    assert!(ws.proxy_pings >= 1, "{ws:?}");
+    assert_eq!(ws.from_upstream.close_code, Some(1001), "{ws:?}");
+    stop(proxy).await;
+}
+
+/// Peers that answer pings (tungstenite does on its own) keep an idle tunnel open for many
+/// ping intervals; the proxy's pings reach the client as pings of its own payload, and
+/// messages still flow afterwards.
+async fn frame_aware_live_peers_answer_pings_and_stay(rt: Runtime) {
+    let config = frame_aware(
+        config_for(&[echo_upstream().await]),
+        Some(Duration::from_millis(100)),
+        Duration::from_millis(500),
+    );
+    let proxy = start_proxy(rt, config);
+    let mut ws = ws_client(&proxy, "/live").await;
+    let mut pings = 0;
+    while pings < 5 {
+        match recv(&mut ws).await {
+            Message::Ping(p) => {
+                assert!(p.starts_with(b"swyd"), "{p:?}");
+                pings += 1;
+            }
+            other => panic!("only the proxy's pings while idle, got {other:?}"),
+        }
+    }
+    let msg = Message::Text("still here".into());
+    send(&mut ws, msg.clone()).await;
+    loop {
+        match recv(&mut ws).await {
+            Message::Ping(_) => {}
+            got => break assert_same_message(&got, &msg),
+        }
+    }
+    close_client(&mut ws).await;
+    drop(ws);
+    let events = wait_events(&proxy, 1).await;
+    let e = &events[0];
+    assert_eq!(e.close, Some(CloseReason::UpstreamClosed), "{e:?}");
+    let counts = e.websocket.expect("frame counts in the log");
+    assert_eq!(counts.from_client.messages, 1, "{counts:?}");
+    assert_eq!(counts.from_upstream.messages, 1, "{counts:?}");
+    assert_eq!(counts.from_client.close_code, Some(1005), "{counts:?}");
+    stop(proxy).await;
+}
+
+/// A drain sends Close 1001 "Going Away" to both peers, which complete the closing handshake;
+/// the proxy then stops well before its drain timeout.
+async fn frame_aware_drain_sends_going_away_to_both(rt: Runtime) {
+    let (addr, server) = recording_server().await;
+    let config = frame_aware(config_for(&[addr]), None, Duration::from_secs(10));
+    let proxy = start_proxy(rt, config);
+    let mut ws = ws_client(&proxy, "/drain").await;
+    proxy.shutdown();
+    let mut client_code = None;
+    while let Some(Ok(msg)) = next_msg(&mut ws).await {
+        if let Message::Close(Some(f)) = msg {
+            client_code = Some(u16::from(f.code));
+        }
+    }
+    assert_eq!(client_code, Some(1001));
+    let upstream_saw = join(server, "ws server").await;
+    assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
+    let events = wait_events(&proxy, 1).await;
+    assert_eq!(events[0].close, Some(CloseReason::Drain), "{:?}", events[0]);
+    stop(proxy).await;
+}
+
+/// A message over `max_message` never reaches the upstream: the sender gets Close 1009, the
+/// upstream Close 1001.
+async fn frame_aware_oversized_message_gets_1009(rt: Runtime) {
+    let (addr, server) = recording_server().await;
+    let mut config = frame_aware(config_for(&[addr]), None, Duration::from_secs(10));
+    if let Some(w) = config.websocket.as_mut() {
+        w.max_message = 1000;
+    }
+    let proxy = start_proxy(rt, config);
+    let mut ws = ws_client(&proxy, "/big").await;
+    send(&mut ws, Message::Binary(binary_payload(900, 1))).await;
+    send(&mut ws, Message::Binary(binary_payload(2000, 2))).await;
+    let mut client_code = None;
+    while let Some(Ok(msg)) = next_msg(&mut ws).await {
+        if let Message::Close(Some(f)) = msg {
+            client_code = Some(u16::from(f.code));
+        }
+    }
+    assert_eq!(client_code, Some(1009));
+    let upstream_saw = join(server, "ws server").await;
+    let sizes: Vec<usize> = upstream_saw
+        .iter()
+        .filter(|m| m.is_binary())
+        .map(Message::len)
+        .collect();
+    assert_eq!(sizes, vec![900], "only the message within the limit passed");
+    assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
+    let events = wait_events(&proxy, 1).await;
+    assert_eq!(
+        events[0].close,
+        Some(CloseReason::MessageTooBig(Side::Client)),
+        "{:?}",
+        events[0]
+    );
+    stop(proxy).await;
+}
+
+/// permessage-deflate (RFC 7692) through a frame-aware tunnel with keepalive on: the
+/// compressed frames of RFC 7692 §7.2.3.1 ("Hello", RSV1 set) pass byte for byte both ways,
+/// before and after the proxy's pings, which both peers answer.
+async fn frame_aware_compressed_frames_pass_with_keepalive(rt: Runtime) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    let config = frame_aware(
+        config_for(&[addr]),
+        Some(Duration::from_millis(200)),
+        Duration::from_secs(5),
+    );
+    let proxy = start_proxy(rt, config);
+    let mut client = Raw::connect(proxy.addr).await;
+    let request = upgrade_request("/deflate").replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+    );
+    client.write(request.as_bytes()).await;
+    let (mut upstream, head) = accept_upgrade(&listener).await;
+    assert_eq!(
+        header(&head, "sec-websocket-extensions"),
+        Some("permessage-deflate")
+    );
+    let answer = switch_response(&key_of(&head)).replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+    );
+    upstream.write(answer.as_bytes()).await;
+    assert_switch(&client.read_head().await);
+
+    const HELLO: [u8; 7] = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    let mut from_client = vec![0xc1, 0x80 | 7];
+    from_client.extend_from_slice(&key);
+    from_client.extend(HELLO.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    let mut from_upstream = vec![0xc1, 7];
+    from_upstream.extend_from_slice(&HELLO);
+
+    for round in 0..2 {
+        client.write(&from_client).await;
+        upstream.write(&from_upstream).await;
+        // Each side gets the other's compressed frame byte for byte, and (once idle) a ping
+        // from the proxy, which it answers.
+        let mut got_data = [false; 2];
+        let mut got_ping = [false; 2];
+        while got_data != [true; 2] || (round == 0 && got_ping != [true; 2]) {
+            for (i, raw) in [&mut client, &mut upstream].into_iter().enumerate() {
+                if got_data[i] && (round > 0 || got_ping[i]) {
+                    continue;
+                }
+                let frame = raw.read_frame().await;
+                if frame.opcode == OP_PING {
+                    assert!(frame.payload.starts_with(b"swyd"), "{frame:?}");
+                    assert_eq!(frame.masked, i == 1, "masked only towards the upstream");
+                    got_ping[i] = true;
+                    let pong = if i == 0 {
+                        client_frame(true, OP_PONG, &frame.payload)
+                    } else {
+                        server_frame(true, OP_PONG, &frame.payload)
+                    };
+                    raw.write(&pong).await;
+                } else {
+                    assert_eq!(frame.rsv, 0x40, "RSV1 (compressed) kept: {frame:?}");
+                    assert_bytes_eq("compressed payload", &frame.payload, &HELLO);
+                    got_data[i] = true;
+                }
+            }
+        }
+    }
+    drop(client);
+    drop(upstream);
+    let events = wait_events(&proxy, 1).await;
+    let counts = events[0].websocket.expect("frame counts in the log");
+    assert_eq!(counts.from_client.messages, 2, "{counts:?}");
+    assert_eq!(counts.from_upstream.messages, 2, "{counts:?}");
+    stop(proxy).await;
 }
