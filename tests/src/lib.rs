@@ -296,6 +296,11 @@ impl ProxyHandle {
         format!("ws://{}{path}", self.addr)
     }
 
+    /// Forces a hard stop (the second signal): nothing is waited for.
+    pub fn force(&self) {
+        self.shutdown.force();
+    }
+
     /// Triggers a graceful shutdown.
     pub fn shutdown(&self) {
         self.shutdown.trigger();

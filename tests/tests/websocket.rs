@@ -40,6 +40,7 @@ runtime_tests! {
     frame_aware_silent_client_is_closed_as_dead,
     frame_aware_live_peers_answer_pings_and_stay,
     frame_aware_drain_sends_going_away_to_both,
+    frame_aware_hard_stop_still_says_going_away,
     frame_aware_oversized_message_gets_1009,
     frame_aware_compressed_frames_pass_with_keepalive,
 }
@@ -1331,6 +1332,27 @@ async fn frame_aware_drain_sends_going_away_to_both(rt: Runtime) {
     assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
     let events = wait_events(&proxy, 1).await;
     assert_eq!(events[0].close, Some(CloseReason::Drain), "{:?}", events[0]);
+    stop(proxy).await;
+}
+
+/// A hard stop waits for nothing, but a frame-aware tunnel's peers still get Close 1001 when
+/// the sockets take it at once (here, on loopback, they do).
+async fn frame_aware_hard_stop_still_says_going_away(rt: Runtime) {
+    let (addr, server) = recording_server().await;
+    let config = frame_aware(config_for(&[addr]), None, Duration::from_secs(10));
+    let proxy = start_proxy(rt, config);
+    let mut ws = ws_client(&proxy, "/hard").await;
+    send(&mut ws, Message::Text("hello".into())).await;
+    proxy.force();
+    let mut client_code = None;
+    while let Some(Ok(msg)) = next_msg(&mut ws).await {
+        if let Message::Close(Some(f)) = msg {
+            client_code = Some(u16::from(f.code));
+        }
+    }
+    assert_eq!(client_code, Some(1001));
+    let upstream_saw = join(server, "ws server").await;
+    assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
     stop(proxy).await;
 }
 

@@ -163,7 +163,17 @@ impl<R: Runtime> Driver<R> {
         let mut now = Instant::now();
         for _ in 0..TURNS_PER_POLL {
             match self.stop.check(&self.shared.shutdown) {
-                Stop::Force => return Poll::Ready(()),
+                Stop::Force => {
+                    // A hard stop waits for nothing, but the session gets one chance to say
+                    // goodbye (a frame-aware tunnel's Close 1001), written if the sockets
+                    // take it at once.
+                    self.link.session_mut().start_drain(now, now);
+                    self.perform_actions(now);
+                    for side in SIDES {
+                        self.flush(side, cx, now);
+                    }
+                    return Poll::Ready(());
+                }
                 Stop::Drain if self.seen == Stop::Run => {
                     self.seen = Stop::Drain;
                     let deadline = now
