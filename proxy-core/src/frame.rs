@@ -49,28 +49,20 @@ pub(crate) enum Violation {
     Protocol,
 }
 
-/// A complete control frame.
+/// A complete control frame. Its unmasked payload stays in the reader
+/// ([`FrameReader::control_payload`]), which keeps [`Item`] small.
 #[derive(Debug, Clone)]
 pub(crate) struct Control {
     pub(crate) opcode: u8,
-    payload: [u8; MAX_CONTROL_PAYLOAD],
-    len: u8,
     /// The frame as it arrived, for passing it on unchanged.
     pub(crate) raw: Bytes,
 }
 
-impl Control {
-    /// The unmasked payload.
-    pub(crate) fn payload(&self) -> &[u8] {
-        &self.payload[..usize::from(self.len)]
-    }
-
-    /// A Close frame's status code; `None` for a Close without one (RFC 6455 §7.1.5: 1005).
-    pub(crate) fn close_code(&self) -> Option<u16> {
-        match self.payload() {
-            [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
-            _ => None,
-        }
+/// A Close frame's status code; `None` for a Close without one (RFC 6455 §7.1.5: 1005).
+pub(crate) fn close_code(payload: &[u8]) -> Option<u16> {
+    match payload {
+        [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+        _ => None,
     }
 }
 
@@ -92,6 +84,8 @@ pub(crate) enum Item {
 #[derive(Debug)]
 pub(crate) struct Feed {
     bytes: Bytes,
+    /// The chunk's length (`bytes` is taken when the whole chunk is passed on at once).
+    len: usize,
     pos: usize,
     /// Start of the bytes read but not yet passed on (a run of data-frame bytes).
     run: usize,
@@ -104,6 +98,7 @@ pub(crate) struct Feed {
 impl Feed {
     pub(crate) fn new(bytes: Bytes, want_boundary: bool) -> Self {
         Feed {
+            len: bytes.len(),
             bytes,
             pos: 0,
             run: 0,
@@ -116,6 +111,10 @@ impl Feed {
     fn flush(&mut self, end: usize, next: usize) -> Option<Item> {
         let run = self.run;
         self.run = next;
+        if run == 0 && end == self.len && end > 0 {
+            // The whole chunk: passed on as it came, without touching its reference count.
+            return Some(Item::Forward(std::mem::take(&mut self.bytes)));
+        }
         (run < end).then(|| Item::Forward(self.bytes.slice(run..end)))
     }
 }
@@ -142,6 +141,9 @@ pub(crate) struct FrameReader {
     /// The control frame being held (header, then payload as it arrived).
     ctrl: [u8; MAX_CONTROL_FRAME],
     ctrl_len: u8,
+    /// The unmasked payload of the last complete control frame.
+    ctrl_payload: [u8; MAX_CONTROL_PAYLOAD],
+    ctrl_payload_len: u8,
     ctrl_opcode: u8,
     ctrl_mask: Option<[u8; 4]>,
     /// Where the held control frame began in the current chunk, if it did.
@@ -169,6 +171,8 @@ impl FrameReader {
             remaining: 0,
             ctrl: [0; MAX_CONTROL_FRAME],
             ctrl_len: 0,
+            ctrl_payload: [0; MAX_CONTROL_PAYLOAD],
+            ctrl_payload_len: 0,
             ctrl_opcode: 0,
             ctrl_mask: None,
             ctrl_start: None,
@@ -186,12 +190,17 @@ impl FrameReader {
     /// A header or control frame still held, or a frame being skipped, counts as between: a
     /// frame injected now goes before it.
     pub(crate) fn at_boundary(&self) -> bool {
-        self.frame != Frame::Data { forward: true }
+        !matches!(self.frame, Frame::Data { forward: true })
     }
 
     /// Skips the data frames that start from now on (the frame under way is finished first).
     pub(crate) fn discard_data(&mut self) {
         self.discard = true;
+    }
+
+    /// The unmasked payload of the control frame last returned.
+    pub(crate) fn control_payload(&self) -> &[u8] {
+        &self.ctrl_payload[..usize::from(self.ctrl_payload_len)]
     }
 
     /// Whether a protocol violation stopped the reader.
@@ -205,7 +214,7 @@ impl FrameReader {
             if let Some(v) = self.pending.take() {
                 return Some(Item::Violation(v));
             }
-            if self.frame == Frame::Control && self.remaining == 0 {
+            if matches!(self.frame, Frame::Control) && self.remaining == 0 {
                 // An empty control frame whose header ended the previous step.
                 return self.read_control(feed);
             }
@@ -216,7 +225,7 @@ impl FrameReader {
                 feed.want_boundary = false;
                 return Some(Item::Boundary);
             }
-            let len = feed.bytes.len();
+            let len = feed.len;
             if feed.pos == len {
                 // A control frame still held continues in another chunk: it will be copied.
                 self.ctrl_start = None;
@@ -246,7 +255,7 @@ impl FrameReader {
 
     /// Consumes up to the rest of the current payload from `feed`.
     fn take(&mut self, feed: &mut Feed) {
-        let available = feed.bytes.len() - feed.pos;
+        let available = feed.len - feed.pos;
         let take = usize::try_from(self.remaining).map_or(available, |r| r.min(available));
         feed.pos += take;
         self.remaining -= take as u64;
@@ -258,6 +267,16 @@ impl FrameReader {
     fn read_header(&mut self, feed: &mut Feed) -> Option<Item> {
         if self.head_len == 0 {
             feed.head_start = Some(feed.pos);
+            // The common case: the whole header is in this chunk.
+            let rest = &feed.bytes[feed.pos..];
+            if rest.len() >= 2 {
+                let need = header_len(rest);
+                if let Some(h) = rest.get(..need) {
+                    self.head[..need].copy_from_slice(h);
+                    self.head_len = need as u8;
+                    feed.pos += need;
+                }
+            }
         }
         loop {
             let have = usize::from(self.head_len);
@@ -269,7 +288,7 @@ impl FrameReader {
             if have == need {
                 break;
             }
-            let len = feed.bytes.len();
+            let len = feed.len;
             if feed.pos == len {
                 // The rest of the header is in a later chunk: hold what is here.
                 let start = feed.head_start.unwrap_or(0);
@@ -335,7 +354,14 @@ impl FrameReader {
                 }
                 // A header begun in an earlier chunk was held: it goes out now, and this
                 // chunk's run (from its start) carries the rest of it.
-                (carried > 0).then(|| Item::Forward(Bytes::copy_from_slice(&self.head[..carried])))
+                if carried > 0 {
+                    return Some(Item::Forward(Bytes::copy_from_slice(&self.head[..carried])));
+                }
+                // The payload at hand joins the run now, without another turn of the loop.
+                if !matches!(self.frame, Frame::Header) {
+                    self.take(feed);
+                }
+                None
             }
         }
     }
@@ -385,7 +411,7 @@ impl FrameReader {
         self.ctrl[at..at + piece.len()].copy_from_slice(piece);
         self.ctrl_len += piece.len() as u8;
         feed.run = feed.pos;
-        if self.frame == Frame::Control {
+        if matches!(self.frame, Frame::Control) {
             return None;
         }
         let frame = &self.ctrl[..usize::from(self.ctrl_len)];
@@ -393,15 +419,13 @@ impl FrameReader {
             Some(start) => feed.bytes.slice(start..feed.pos),
             None => Bytes::copy_from_slice(frame),
         };
-        let mut payload = [0; MAX_CONTROL_PAYLOAD];
         let body = &frame[header_len(frame)..];
         for (i, b) in body.iter().enumerate() {
-            payload[i] = b ^ self.ctrl_mask.map_or(0, |m| m[i % 4]);
+            self.ctrl_payload[i] = b ^ self.ctrl_mask.map_or(0, |m| m[i % 4]);
         }
+        self.ctrl_payload_len = body.len() as u8;
         Some(Item::Control(Control {
             opcode: self.ctrl_opcode,
-            payload,
-            len: body.len() as u8,
             raw,
         }))
     }
@@ -515,7 +539,7 @@ mod tests {
             while let Some(item) = reader.next(&mut feed) {
                 match item {
                     Item::Forward(b) => out.extend_from_slice(&b),
-                    Item::Control(c) => ctrl.push((c.opcode, c.payload().to_vec())),
+                    Item::Control(c) => ctrl.push((c.opcode, reader.control_payload().to_vec())),
                     Item::Boundary => {}
                     Item::Violation(v) => bad.push(v),
                 }

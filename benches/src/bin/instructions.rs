@@ -9,11 +9,12 @@
 //!
 //! Workloads: `http` (keep-alive exchanges on one connection), `handshakes` (new connection,
 //! upgrade, genuine `101`, tunnel closed by the client), `tunnel` (256-byte messages, one each
-//! way per round). Every step is checked by the harness, and the run ends by printing what it
+//! way per round), `frames` (the same messages as WebSocket frames through the frame-aware
+//! tunnel). Every step is checked by the harness, and the run ends by printing what it
 //! did: a count taken from a run that did not print it is not a measurement.
 
 use bytes::Bytes;
-use proxy_core::{Input, Side};
+use proxy_core::{Input, Side, WebSocket};
 use switchyard_benches::{drain, exchange, fixtures, open_tunnel, tunnel_forward, Harness};
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +27,12 @@ fn main() -> anyhow::Result<()> {
     let mut config = Harness::default_config();
     // One connection serves every exchange of the `http` workload.
     config.limits.max_requests = u32::MAX;
+    if workload == "frames" {
+        let mut w = WebSocket::default();
+        w.max_message = 1 << 30;
+        w.ping_interval = Some(std::time::Duration::from_secs(3600));
+        config.websocket = Some(w);
+    }
     let harness = Harness::new(config);
     let now = harness.now();
     match workload.as_str() {
@@ -67,8 +74,30 @@ fn main() -> anyhow::Result<()> {
                 tunnel_forward(&mut session, now, Side::Upstream, message.clone());
             }
         }
-        other => anyhow::bail!("unknown workload {other:?}: http, handshakes or tunnel"),
+        "frames" => {
+            let mut session = open_tunnel(&harness);
+            let (to_upstream, to_client) = (frame(256, true), frame(256, false));
+            for _ in 0..n {
+                let out = tunnel_forward(&mut session, now, Side::Client, to_upstream.clone());
+                anyhow::ensure!(out == to_upstream, "a frame changed on the way");
+                tunnel_forward(&mut session, now, Side::Upstream, to_client.clone());
+            }
+        }
+        other => {
+            anyhow::bail!("unknown workload {other:?}: http, handshakes, tunnel or frames")
+        }
     }
     println!("{workload}: {n} rounds done");
     Ok(())
+}
+
+/// A binary WebSocket frame of `len` bytes (126..=65535), masked as a client sends it or not.
+fn frame(len: usize, masked: bool) -> Bytes {
+    let mut out = vec![0x82, if masked { 0x80 | 126 } else { 126 }];
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    if masked {
+        out.extend_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+    }
+    out.resize(out.len() + len, 0x5A);
+    Bytes::from(out)
 }

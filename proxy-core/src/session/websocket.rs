@@ -18,8 +18,8 @@ use super::Conn;
 use crate::config::WebSocket;
 use crate::event::{CloseReason, FrameCounts, WebSocketLog};
 use crate::frame::{
-    close_frame, control_frame, Control, Feed, FrameLimits, FrameReader, Item, Violation, OP_CLOSE,
-    OP_PING, OP_PONG,
+    close_code, close_frame, control_frame, Control, Feed, FrameLimits, FrameReader, Item,
+    Violation, OP_CLOSE, OP_PING, OP_PONG,
 };
 use crate::io::Side;
 use crate::timer::Timer;
@@ -215,16 +215,17 @@ impl Frames {
 
     fn on_control(&mut self, cx: &mut Conn, from: Side, c: Control) {
         let to = from.other();
+        let payload = self.readers[from.index()].control_payload();
         match c.opcode {
-            OP_PONG if c.payload().starts_with(PING_MARK) => {
+            OP_PONG if payload.starts_with(PING_MARK) => {
                 // The answer to the proxy's own Ping: kept, never passed on.
-                let id = c.payload().get(4..8).and_then(|b| b.try_into().ok());
+                let id: Option<[u8; 4]> = payload.get(4..8).and_then(|b| b.try_into().ok());
                 if self.ping[from.index()].is_some_and(|(p, _)| Some(p.to_be_bytes()) == id) {
                     self.ping[from.index()] = None;
                 }
             }
             OP_CLOSE => {
-                self.close_from[from.index()] = Some(c.close_code().unwrap_or(NO_STATUS));
+                self.close_from[from.index()] = Some(close_code(payload).unwrap_or(NO_STATUS));
                 match &mut self.closing {
                     // The answer to the proxy's Close (or one crossing it): the other side has
                     // had the proxy's own Close, so this one stays here.

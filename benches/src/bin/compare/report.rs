@@ -220,6 +220,8 @@ pub fn render(info: &RunInfo, ms: &[Measurement]) -> String {
         (Target::SwitchyardTokio, Target::Haproxy),
         (Target::SwitchyardSmol, Target::Nginx),
         (Target::SwitchyardSmol, Target::Haproxy),
+        // What the frame-aware tunnel costs over the opaque one.
+        (Target::SwitchyardFrames, Target::SwitchyardTokio),
     ];
     let present = |t: Target| ms.iter().any(|m| m.target == t);
     let pairs: Vec<_> = pairs

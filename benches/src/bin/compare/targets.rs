@@ -35,6 +35,9 @@ pub enum Target {
     SwitchyardTokio,
     /// `switchyard --runtime smol --workers 1`.
     SwitchyardSmol,
+    /// `switchyard --runtime tokio --workers 1` with the frame-aware WebSocket tunnel on
+    /// (`--ws-max-message 1g --ws-ping-interval 1h`: every frame header read, no ping fires).
+    SwitchyardFrames,
     /// nginx, one process (`master_process off`).
     Nginx,
     /// HAProxy, one thread (`nbthread 1`, `-db`).
@@ -43,10 +46,11 @@ pub enum Target {
 
 impl Target {
     /// Every target, in report order.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Direct,
         Target::SwitchyardTokio,
         Target::SwitchyardSmol,
+        Target::SwitchyardFrames,
         Target::Nginx,
         Target::Haproxy,
     ];
@@ -57,6 +61,7 @@ impl Target {
             Target::Direct => "direct",
             Target::SwitchyardTokio => "switchyard-tokio",
             Target::SwitchyardSmol => "switchyard-smol",
+            Target::SwitchyardFrames => "switchyard-frames",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
         }
@@ -452,11 +457,11 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
     let name = format!("{tag}-proxy");
     let (proxy, addr) = match target {
         Target::Direct => (None, backend_addr),
-        Target::SwitchyardTokio | Target::SwitchyardSmol => {
-            let runtime = if target == Target::SwitchyardTokio {
-                "tokio"
-            } else {
+        Target::SwitchyardTokio | Target::SwitchyardSmol | Target::SwitchyardFrames => {
+            let runtime = if target == Target::SwitchyardSmol {
                 "smol"
+            } else {
+                "tokio"
             };
             let mut cmd = env.command(&env.switchyard, env.placement.proxy);
             cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
@@ -469,6 +474,9 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
                     "--access-log",
                     "off",
                 ]);
+            if target == Target::SwitchyardFrames {
+                cmd.args(["--ws-max-message", "1g", "--ws-ping-interval", "1h"]);
+            }
             let mut p = Proc::spawn(env, &name, cmd, false)?;
             let addr = p.wait_for(READY, "listening", |_, err| parse_listening(err))?;
             (Some(p), addr)
