@@ -23,7 +23,6 @@ pub(crate) const OP_PONG: u8 = 0xA;
 pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The largest frame header: 2 bytes, a 64-bit length, a masking key.
 const MAX_HEADER: usize = 14;
-const MAX_CONTROL_FRAME: usize = MAX_HEADER + MAX_CONTROL_PAYLOAD;
 
 /// What a reader enforces on its direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -139,11 +138,9 @@ pub(crate) struct FrameReader {
     /// Payload bytes of the current frame still to come.
     remaining: u64,
     /// The control frame being held (header, then payload as it arrived).
-    ctrl: [u8; MAX_CONTROL_FRAME],
-    ctrl_len: u8,
-    /// The unmasked payload of the last complete control frame.
-    ctrl_payload: [u8; MAX_CONTROL_PAYLOAD],
-    ctrl_payload_len: u8,
+    /// Allocated only while a control frame is held (and until the next frame), so an idle
+    /// reader holds no buffer: at most 139 bytes, a few times a minute.
+    ctrl: Vec<u8>,
     ctrl_opcode: u8,
     ctrl_mask: Option<[u8; 4]>,
     /// Where the held control frame began in the current chunk, if it did.
@@ -169,10 +166,7 @@ impl FrameReader {
             head_len: 0,
             frame: Frame::Header,
             remaining: 0,
-            ctrl: [0; MAX_CONTROL_FRAME],
-            ctrl_len: 0,
-            ctrl_payload: [0; MAX_CONTROL_PAYLOAD],
-            ctrl_payload_len: 0,
+            ctrl: Vec::new(),
             ctrl_opcode: 0,
             ctrl_mask: None,
             ctrl_start: None,
@@ -200,7 +194,9 @@ impl FrameReader {
 
     /// The unmasked payload of the control frame last returned.
     pub(crate) fn control_payload(&self) -> &[u8] {
-        &self.ctrl_payload[..usize::from(self.ctrl_payload_len)]
+        self.ctrl
+            .get(2..)
+            .map_or(&[], |_| &self.ctrl[header_len(&self.ctrl)..])
     }
 
     /// Whether a protocol violation stopped the reader.
@@ -266,6 +262,9 @@ impl FrameReader {
 
     fn read_header(&mut self, feed: &mut Feed) -> Option<Item> {
         if self.head_len == 0 {
+            if self.ctrl.capacity() > 0 {
+                self.ctrl = Vec::new();
+            }
             feed.head_start = Some(feed.pos);
             // The common case: the whole header is in this chunk.
             let rest = &feed.bytes[feed.pos..];
@@ -325,8 +324,8 @@ impl FrameReader {
                 feed.flush(before, feed.pos)
             }
             Ok(h) if h.opcode >= OP_CLOSE => {
-                self.ctrl[..head_len].copy_from_slice(&self.head[..head_len]);
-                self.ctrl_len = head_len as u8;
+                self.ctrl = Vec::with_capacity(head_len + h.len as usize);
+                self.ctrl.extend_from_slice(&self.head[..head_len]);
                 self.ctrl_start = start;
                 self.ctrl_opcode = h.opcode;
                 self.ctrl_mask = h.mask;
@@ -406,24 +405,22 @@ impl FrameReader {
     fn read_control(&mut self, feed: &mut Feed) -> Option<Item> {
         let from = feed.pos;
         self.take(feed);
-        let piece = &feed.bytes[from..feed.pos];
-        let at = usize::from(self.ctrl_len);
-        self.ctrl[at..at + piece.len()].copy_from_slice(piece);
-        self.ctrl_len += piece.len() as u8;
+        self.ctrl.extend_from_slice(&feed.bytes[from..feed.pos]);
         feed.run = feed.pos;
         if matches!(self.frame, Frame::Control) {
             return None;
         }
-        let frame = &self.ctrl[..usize::from(self.ctrl_len)];
         let raw = match self.ctrl_start.take() {
             Some(start) => feed.bytes.slice(start..feed.pos),
-            None => Bytes::copy_from_slice(frame),
+            None => Bytes::copy_from_slice(&self.ctrl),
         };
-        let body = &frame[header_len(frame)..];
-        for (i, b) in body.iter().enumerate() {
-            self.ctrl_payload[i] = b ^ self.ctrl_mask.map_or(0, |m| m[i % 4]);
+        // Unmasked in place: `raw` keeps the frame as it arrived.
+        let at = header_len(&self.ctrl);
+        if let Some(m) = self.ctrl_mask {
+            for (i, b) in self.ctrl[at..].iter_mut().enumerate() {
+                *b ^= m[i % 4];
+            }
         }
-        self.ctrl_payload_len = body.len() as u8;
         Some(Item::Control(Control {
             opcode: self.ctrl_opcode,
             raw,
