@@ -55,8 +55,11 @@ impl Target {
     }
 }
 
-/// Builds the event sink for `target`.
-pub fn sink(target: &Target) -> io::Result<proxy_tokio::EventSink> {
+/// Writes one access-log line per finished exchange or tunnel.
+pub type LogSink = Arc<dyn Fn(&ExchangeLog) + Send + Sync>;
+
+/// Builds the access-log writer for `target`.
+pub fn sink(target: &Target) -> io::Result<LogSink> {
     let writer: Box<dyn Write + Send> = match target {
         Target::Off => return Ok(Arc::new(|_| {})),
         Target::Stdout => Box::new(LineWriter::new(io::stdout())),

@@ -4,6 +4,8 @@
 
 mod access_log;
 mod demo;
+mod metrics;
+mod observe;
 mod settings;
 mod units;
 
@@ -35,6 +37,21 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
+    /// Log level for stderr: error, warn, info, debug, trace, or a RUST_LOG-style filter such
+    /// as `info,proxy_drive=debug` [default: RUST_LOG, else info].
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log line format on stderr (colour only when stderr is a terminal).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +109,9 @@ struct RunArgs {
     /// tunnel on) [default: none].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     ws_max_message: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a listener of their own) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// On SIGTERM/SIGINT, how long open tunnels may stay before they are closed [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
@@ -111,7 +131,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("switchyard: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -121,14 +144,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let filter = match level {
+        Some(l) => tracing_subscriber::EnvFilter::try_new(l).with_context(|| {
+            format!(
+                "--log-level {l:?}: expected error, warn, info, debug, trace or a RUST_LOG filter"
+            )
+        })?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
@@ -167,7 +202,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it"
             );
-            serve(settings, listeners)
+            serve(settings, listeners, None)
         }
         None => {
             let a = cli.run;
@@ -189,7 +224,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let settings = Settings::load(a.config.as_deref(), &flags)?;
             // Bind before starting a runtime so that "address in use" is reported at once.
             let listeners = bind(&settings)?;
-            serve(settings, listeners)
+            let metrics = a
+                .metrics
+                .map(|addr| {
+                    TcpListener::bind(&addr)
+                        .with_context(|| format!("--metrics: cannot listen on {addr}"))
+                })
+                .transpose()?;
+            serve(settings, listeners, metrics)
         }
     }
 }
@@ -203,15 +245,21 @@ fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
 }
 
 /// Runs the proxy on the configured runtime until a signal has drained it.
-fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
-    let sink = access_log::sink(&settings.access_log)
+fn serve(
+    settings: Settings,
+    listeners: Vec<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+) -> anyhow::Result<()> {
+    let access = access_log::sink(&settings.access_log)
         .with_context(|| format!("cannot open access log {}", settings.access_log.describe()))?;
+    let metrics = metrics_listener.as_ref().map(|_| metrics::Metrics::new());
     let mut options = proxy_tokio::ServeOptions::default();
     options.drain_timeout = settings.drain_timeout;
     options.pool_idle_timeout = settings.pool_idle_timeout;
     options.pool_max_per_peer = settings.pool_max_idle;
     options.dns_refresh = settings.dns_refresh;
-    options.events = sink;
+    options.events = observe::sink(access, metrics.clone());
+    warn_unresolved(&settings.config);
     let addrs: Vec<String> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -236,6 +284,15 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
     );
     let shutdown = proxy_tokio::Shutdown::new();
     signals::install(shutdown.clone(), settings.drain_timeout)?;
+    if let (Some(listener), Some(m)) = (metrics_listener, metrics) {
+        let at = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        metrics::serve(listener, m, Arc::clone(&options.stats), shutdown.clone())
+            .context("cannot start the metrics thread")?;
+        tracing::info!("metrics at http://{at}/metrics");
+    }
     let config = Arc::new(settings.config);
     match settings.runtime {
         RuntimeKind::Tokio => {
@@ -250,7 +307,12 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
                 .enable_all()
                 .build()
                 .context("cannot start the tokio runtime")?;
-            rt.block_on(proxy_tokio::serve(config, listeners, options, shutdown))?;
+            rt.block_on(proxy_tokio::serve(
+                config,
+                listeners,
+                options,
+                shutdown.clone(),
+            ))?;
         }
         RuntimeKind::Smol => {
             let ex = Arc::new(smol::Executor::new());
@@ -270,7 +332,11 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
                 move |task| ex.spawn(task).detach()
             };
             let served = smol::block_on(ex.run(proxy_smol::serve(
-                config, listeners, options, shutdown, spawner,
+                config,
+                listeners,
+                options,
+                shutdown.clone(),
+                spawner,
             )));
             drop(stop);
             for t in threads {
@@ -279,8 +345,31 @@ fn serve(settings: Settings, listeners: Vec<TcpListener>) -> anyhow::Result<()> 
             served?;
         }
     }
+    if shutdown.is_forced() {
+        tracing::warn!("stopped by a second signal: open connections were cut");
+        std::process::exit(130);
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Warns about upstream names that do not resolve now: switchyard starts anyway (the name may
+/// appear later, and it is looked up again), but requests to it fail until it does.
+fn warn_unresolved(config: &proxy_core::Config) {
+    use std::net::ToSocketAddrs as _;
+    for group in config.all_groups() {
+        for peer in group.peers() {
+            if peer.host().parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            if let Err(e) = (peer.host(), peer.port()).to_socket_addrs() {
+                tracing::warn!(
+                    "upstream {peer} (group {}) does not resolve now: {e}; requests to it fail until it does",
+                    group.name
+                );
+            }
+        }
+    }
 }
 
 mod signals {
@@ -309,8 +398,18 @@ mod signals {
                         );
                         shutdown.trigger();
                     } else {
+                        // Every connection is cut now, but its access-log line is written (and a
+                        // frame-aware tunnel says Close 1001) on the way out; a third signal, or
+                        // a stuck exit, ends the process regardless.
                         tracing::warn!("second signal: exiting now");
-                        std::process::exit(130);
+                        shutdown.force();
+                        std::thread::spawn(|| {
+                            std::thread::sleep(Duration::from_secs(5));
+                            std::process::exit(130);
+                        });
+                        if seen > 2 {
+                            std::process::exit(130);
+                        }
                     }
                 }
             })

@@ -96,10 +96,17 @@ impl Drop for Proc {
 
 impl Proc {
     fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_env(args, &[("NO_COLOR", "1")])
+    }
+
+    /// [`spawn`](Self::spawn) with these environment variables (and no `NO_COLOR` unless
+    /// given).
+    fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -418,6 +425,177 @@ fn websocket_echo_through_the_binary(runtime_name: &str) {
     proc.signal("-TERM");
     let status = proc.wait_exit();
     assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+}
+
+// ---- operations: metrics, WARN lines, the second signal ----
+
+#[test]
+fn metrics_count_known_traffic_and_a_refused_upstream_warns_once_tokio() {
+    metrics_count_known_traffic_and_a_refused_upstream_warns_once("tokio");
+}
+
+#[test]
+fn metrics_count_known_traffic_and_a_refused_upstream_warns_once_smol() {
+    metrics_count_known_traffic_and_a_refused_upstream_warns_once("smol");
+}
+
+/// The value of the series `name` (with labels, as written) in an exposition text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
+}
+
+/// GETs `/metrics` from `addr`.
+async fn scrape(addr: SocketAddr) -> String {
+    let response = exchange_until_close(addr, b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").await;
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// Two WebSocket round trips through a group whose first server refuses: the metrics show the
+/// exact counts, the refusal is one WARN line on stderr (not repeated for the second request)
+/// naming the server, and stderr has no colour codes when it is not a terminal.
+fn metrics_count_known_traffic_and_a_refused_upstream_warns_once(runtime_name: &str) {
+    let rt = runtime();
+    let echo = rt.block_on(ws_echo());
+    let refusing = switchyard_tests::refusing_port();
+    let (refusing_s, echo_s) = (refusing.addr.to_string(), echo.to_string());
+    let mut proc = Proc::spawn_env(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &refusing_s,
+            "--upstream",
+            &echo_s,
+            "--metrics",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--runtime",
+            runtime_name,
+        ],
+        &[],
+    );
+    let listen = proc.wait_ready();
+    let text = proc
+        .stderr
+        .wait_until(|s| s.contains("/metrics"))
+        .expect("the metrics address on stderr");
+    let metrics_at: SocketAddr = text
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("metrics address in {text:?}"));
+    for _ in 0..2 {
+        rt.block_on(ws_round_trip(&format!("ws://{listen}/m")));
+    }
+    proc.stdout
+        .wait_until(|s| s.matches(" 101 ").count() >= 2)
+        .unwrap_or_else(|| panic!("two tunnel lines; stdout: {:?}", proc.stdout.text()));
+    let text = rt.block_on(scrape(metrics_at));
+    assert_eq!(
+        metric(&text, "switchyard_connections_accepted_total"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "switchyard_upgrades_attempted_total"), 2.0);
+    assert_eq!(metric(&text, "switchyard_upgrades_accepted_total"), 2.0);
+    assert_eq!(
+        metric(&text, "switchyard_requests_total{class=\"1xx\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, "switchyard_requests_total{class=\"5xx\"}"),
+        0.0
+    );
+    assert_eq!(metric(&text, "switchyard_tunnels_open"), 0.0);
+    assert_eq!(
+        metric(&text, "switchyard_tunnel_duration_seconds_count"),
+        2.0
+    );
+    let closed: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("switchyard_tunnels_closed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(closed, 2.0, "{text}");
+    let refused = metric(
+        &text,
+        "switchyard_upstream_failures_total{cause=\"refused\"}",
+    );
+    assert!(refused >= 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "switchyard_upstream_connects_total"),
+        2.0 + refused,
+        "every attempt is a connect: {text}"
+    );
+    assert_eq!(metric(&text, "switchyard_draining"), 0.0);
+
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}");
+    let stderr = proc.stderr.wait_closed();
+    let warns: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&refusing_s))
+        .collect();
+    assert_eq!(
+        warns.len(),
+        1,
+        "one WARN line for the refused server: {stderr}"
+    );
+    assert!(warns[0].contains("connection refused"), "{}", warns[0]);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes in a pipe: {stderr:?}"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once_and_still_logs_open_tunnels() {
+    let rt = runtime();
+    let echo = rt.block_on(ws_echo());
+    let echo_s = echo.to_string();
+    let mut proc = Proc::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &echo_s,
+        "--drain-timeout",
+        "1h",
+        "--workers",
+        "1",
+    ]);
+    let listen = proc.wait_ready();
+    let ws = rt.block_on(async {
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{listen}/open")),
+        )
+        .await
+        .expect("handshake within WAIT")
+        .expect("handshake");
+        ws
+    });
+    proc.signal("-TERM");
+    proc.stderr
+        .wait_until(|s| s.contains("shutting down"))
+        .expect("the drain starts");
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let stdout = proc.stdout.wait_closed();
+    assert!(
+        stdout.contains("\"GET /open HTTP/1.1\" 101 "),
+        "the cut tunnel still has its access-log line: {stdout:?}; stderr: {}",
+        proc.stderr.wait_closed()
+    );
+    drop(ws);
 }
 
 // ---- C: check-config ----

@@ -80,6 +80,9 @@ pub struct ExchangeLog {
     /// Upstream servers tried before the one that answered (or all of them, for a 502/504),
     /// each with why its connection failed, in order.
     pub upstream_failures: Vec<(Peer, ConnectError)>,
+    /// Whether the request offered a protocol switch the proxy accepted to pass on (an
+    /// upgrade attempt; see `upgraded` for whether it succeeded).
+    pub upgrade_offered: bool,
     /// Whether the exchange became a tunnel.
     pub upgraded: bool,
     /// How long the tunnel lasted.

@@ -269,26 +269,25 @@ pub(crate) fn reason(status: u16) -> &'static str {
 }
 
 /// A complete error response: a short text body and `Connection: close`. For HEAD requests the
-/// body is left out but its length is still declared.
-pub(crate) fn error_response(status: u16, is_head: bool) -> Bytes {
+/// body is left out but its length is still declared. Returns the response and the length of
+/// its body (what the access log counts as body bytes).
+pub(crate) fn error_response(status: u16, is_head: bool) -> (Bytes, usize) {
     let reason = reason(status);
     let body = format!("{status} {reason}\n");
+    // 405 must say what is allowed (RFC 9110 §15.5.6).
+    let allow = if status == 405 {
+        "Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n"
+    } else {
+        ""
+    };
     let mut s = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         {allow}Connection: close\r\n\r\n",
         body.len()
     );
-    if !is_head {
-        s.push_str(&body);
-    }
-    if status == 405 {
-        s = s.replacen(
-            "\r\nConnection: close",
-            "\r\nAllow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\nConnection: close",
-            1,
-        );
-    }
-    Bytes::from(s)
+    let body_len = if is_head { 0 } else { body.len() };
+    s.push_str(&body[..body_len]);
+    (Bytes::from(s), body_len)
 }
 
 #[cfg(test)]
@@ -456,12 +455,14 @@ mod tests {
 
     #[test]
     fn error_responses_are_well_formed() {
-        let r = error_response(502, false);
+        let (r, body) = error_response(502, false);
+        assert_eq!(body, "502 Bad Gateway\n".len());
         let text = String::from_utf8(r.to_vec()).expect("utf8");
         assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(text.contains("Connection: close\r\n"));
         assert!(text.ends_with("\r\n\r\n502 Bad Gateway\n"));
-        let head_only = error_response(400, true);
+        let (head_only, body) = error_response(400, true);
+        assert_eq!(body, 0);
         assert!(head_only.ends_with(b"\r\n\r\n"));
     }
 }

@@ -300,6 +300,12 @@ fn malformed_request_gets_400_and_nothing_upstream() {
         Some(CloseReason::BadRequest(_))
     ));
     assert_eq!(sim.events[0].status, Some(400));
+    // The proxy's own response has a body, and the log counts it (nginx's $body_bytes_sent).
+    assert_eq!(
+        sim.events[0].body_bytes_to_client,
+        "400 Bad Request\n".len() as u64
+    );
+    assert_eq!(sim.events[0].bytes_to_client, out.len() as u64);
     sim.client("more junk is drained");
     sim.client_eof();
     assert!(sim.closed(Side::Client));

@@ -27,8 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("proxying {listen} -> {upstream} for {run_for:?}");
 
     let mut options = ServeOptions::default();
-    options.events = Arc::new(|log| {
-        println!("{} {:?} {}", log.request_line, log.status, log.upgraded);
+    options.events = Arc::new(|event| {
+        if let proxy_core::Event::Exchange(log) = event {
+            println!("{} {:?} {}", log.request_line, log.status, log.upgraded);
+        }
     });
     let shutdown = Shutdown::new();
     let stop = shutdown.clone();

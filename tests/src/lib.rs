@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use proxy_core::{Config, ExchangeLog, Peer, UpstreamGroup};
+use proxy_core::{Config, Event, ExchangeLog, Peer, UpstreamGroup};
 
 pub mod origin;
 
@@ -225,7 +225,11 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
         options.resolver = resolver;
     }
     if opts.record_events {
-        options.events = Arc::new(move |log: &ExchangeLog| sink_events.push(log));
+        options.events = Arc::new(move |e: &Event| {
+            if let Event::Exchange(log) = e {
+                sink_events.push(log);
+            }
+        });
     }
     let stats = Arc::clone(&options.stats);
     let serve_shutdown = shutdown.clone();

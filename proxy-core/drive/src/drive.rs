@@ -172,6 +172,9 @@ impl<R: Runtime> Driver<R> {
                     for side in SIDES {
                         self.flush(side, cx, now);
                     }
+                    // Then it ends, logged (the access log gets its line).
+                    self.link.session_mut().close_now(now);
+                    self.perform_actions(now);
                     return Poll::Ready(());
                 }
                 Stop::Drain if self.seen == Stop::Run => {
@@ -354,7 +357,9 @@ impl<R: Runtime> Driver<R> {
         self.connecting = None;
         self.waits.forget(Side::Upstream);
         if allow_pooled {
-            if let Some(socket) = self.shared.pool.checkout(peer, now, sys::idle_and_open) {
+            let pooled = self.shared.pool.checkout(peer, now, sys::idle_and_open);
+            self.shared.options.stats.count_pool(pooled.is_some());
+            if let Some(socket) = pooled {
                 drop(self.link.connected(id, socket, true, now));
                 return;
             }

@@ -8,9 +8,7 @@ use std::fmt;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
-use proxy_core::{
-    ConnectError, Event, ExchangeLog, Input, Output, Peer, Session, Side, UpstreamId,
-};
+use proxy_core::{ConnectError, Event, Input, Output, Peer, Session, Side, UpstreamId};
 
 /// Something the session asked for that involves a socket, the pool or the log.
 #[derive(Debug)]
@@ -32,8 +30,9 @@ pub(crate) enum Action<S> {
         peer: Peer,
         reusable: bool,
     },
-    /// Report a finished exchange.
-    Event(Box<ExchangeLog>),
+    /// Report an event (a finished exchange, an upstream chosen or failed, a tunnel opened or
+    /// closed).
+    Event(Event),
 }
 
 /// The bytes waiting to be written to one socket, in order. The first buffer is held inline:
@@ -175,7 +174,7 @@ impl<S> Link<S> {
                         _ => Action::Closed(Side::Upstream),
                     });
                 }
-                Output::Event(Event::Exchange(log)) => return Some(Action::Event(log)),
+                Output::Event(e) => return Some(Action::Event(e)),
                 // Outputs added to the core later are ignored until the loop learns them.
                 _ => {}
             }
@@ -360,7 +359,8 @@ mod tests {
                     assert!(reusable);
                     saw_release = true;
                 }
-                Action::Event(e) => saw_event = e.status == Some(204),
+                Action::Event(Event::Exchange(e)) => saw_event = e.status == Some(204),
+                Action::Event(_) => {}
                 other => panic!("unexpected {other:?}"),
             }
         }

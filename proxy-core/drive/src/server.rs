@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use proxy_core::{Balancer, Config, ExchangeLog, PeerInfo};
+use proxy_core::{Balancer, Config, Event, PeerInfo};
 
 use crate::dns::{DnsCache, Resolve, SystemResolver};
 use crate::pool::SharedPool;
@@ -17,8 +17,10 @@ use crate::runtime::{Runtime, Timer};
 use crate::shutdown::{race, Shutdown, Stats, TaskGuard};
 use crate::{drive, health, sys};
 
-/// Receives one record per finished exchange or tunnel (the access log).
-pub type EventSink = Arc<dyn Fn(&ExchangeLog) + Send + Sync>;
+/// Receives the sessions' events: one [`Event::Exchange`] per finished exchange or tunnel (the
+/// access log), and the moments metrics count (upstream chosen or failed, tunnel opened or
+/// closed). Called on the connection's task: keep it cheap.
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 
 /// Server settings that are not protocol: how long to drain, how to pool, where events go.
 #[derive(Clone)]
@@ -30,7 +32,7 @@ pub struct ServeOptions {
     pub pool_idle_timeout: Duration,
     /// How many idle upstream connections are kept per peer (0 disables pooling).
     pub pool_max_per_peer: usize,
-    /// Where finished exchanges are reported.
+    /// Where events are reported.
     pub events: EventSink,
     /// Live gauges of the server. Give each server its own (the default does): the drain waits
     /// for the tasks counted here.

@@ -118,6 +118,9 @@ pub(crate) enum Stop {
 pub(crate) struct StopWatch {
     listener: Option<EventListener>,
     waker: Option<Waker>,
+    /// The level the listener waits to rise above. A listener is notified once, so one
+    /// registered before a drain is spent and must not be kept for the force that may follow.
+    above: Option<Stop>,
 }
 
 impl fmt::Debug for StopWatch {
@@ -145,6 +148,9 @@ impl StopWatch {
         seen: Stop,
         cx: &mut Context<'_>,
     ) -> bool {
+        if self.above != Some(seen) {
+            self.listener = None;
+        }
         let same_waker = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
         if self.listener.is_some() && same_waker {
             if self.check(shutdown) == seen {
@@ -167,6 +173,7 @@ impl StopWatch {
         }
         self.listener = Some(listener);
         self.waker = Some(cx.waker().clone());
+        self.above = Some(seen);
         false
     }
 }
@@ -178,6 +185,8 @@ pub struct Stats {
     connections: AtomicUsize,
     pooled: AtomicUsize,
     accepted: AtomicU64,
+    pool_hits: AtomicU64,
+    pool_misses: AtomicU64,
     zero: Event,
 }
 
@@ -210,6 +219,25 @@ impl Stats {
     /// Client connections accepted since the server started.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Upstream connections taken from the keep-alive pool since the server started.
+    pub fn pool_hits(&self) -> u64 {
+        self.pool_hits.load(Ordering::Relaxed)
+    }
+
+    /// Upstream connects that could have used the pool but found nothing idle there.
+    pub fn pool_misses(&self) -> u64 {
+        self.pool_misses.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_pool(&self, hit: bool) {
+        let c = if hit {
+            &self.pool_hits
+        } else {
+            &self.pool_misses
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn task(self: &Arc<Self>) -> TaskGuard {
@@ -327,6 +355,28 @@ mod tests {
         s.force();
         assert!(flag.0.load(Ordering::SeqCst), "the force wakes it too");
         assert_eq!(w.check(&s), Stop::Force);
+    }
+
+    /// The drive loop's own order: it sees the drain in `check` and registers for the next
+    /// level straight away. The listener from before the drain is spent, so a fresh one must
+    /// be taken, or the force that follows never wakes the connection (a second signal then
+    /// hung until the process was killed).
+    #[test]
+    fn a_force_after_a_drain_wakes_a_connection_that_saw_the_drain() {
+        let (flag, waker) = flag();
+        let mut cx = Context::from_waker(&waker);
+        let s = Shutdown::new();
+        let mut w = StopWatch::default();
+        assert!(!w.register(&s, Stop::Run, &mut cx));
+        s.trigger();
+        assert_eq!(w.check(&s), Stop::Drain);
+        flag.0.store(false, Ordering::SeqCst);
+        assert!(
+            !w.register(&s, Stop::Drain, &mut cx),
+            "now waiting for the force"
+        );
+        s.force();
+        assert!(flag.0.load(Ordering::SeqCst), "the force wakes it");
     }
 
     /// The regression behind the old waker list: waiters that have gone must not stay

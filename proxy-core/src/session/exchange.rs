@@ -81,6 +81,7 @@ impl Exchange {
         record.log.host = req.host;
         record.log.referer = req.referer;
         record.log.user_agent = req.user_agent;
+        record.log.upgrade_offered = http.upgrade.is_some();
         let body = match req.framing {
             Framing::Length(_) | Framing::Chunked => Some((
                 BodyDecoder::new(req.framing),

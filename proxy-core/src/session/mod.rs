@@ -346,6 +346,14 @@ impl Session {
         self.drive();
     }
 
+    /// Closes both connections now (a hard stop). An exchange or tunnel under way is logged
+    /// with [`CloseReason::Drain`]; a frame-aware tunnel should get
+    /// [`start_drain`](Self::start_drain) first, and its output written, to say goodbye.
+    pub fn close_now(&mut self, now: Instant) {
+        self.cx.advance(now);
+        self.close(CloseReason::Drain);
+    }
+
     // ---- poll ----
 
     /// The next thing the adapter must do, in order. Drain until `None` after every call.
@@ -546,9 +554,9 @@ impl Session {
     ) {
         let cx = &mut self.cx;
         cx.release(upstream, false);
-        let resp = error_response(status, is_head);
+        let (resp, body) = error_response(status, is_head);
         record.log.status = Some(status);
-        record.head_bytes_to_client += resp.len() as u64;
+        record.head_bytes_to_client += (resp.len() - body) as u64;
         cx.send(Side::Client, resp);
         cx.log(record, Some(reason), None);
         self.begin_closing();
@@ -923,6 +931,7 @@ fn empty_log(client: std::net::SocketAddr) -> ExchangeLog {
         upstream_header_time: None,
         upstream_response_time: None,
         upstream_failures: Vec::new(),
+        upgrade_offered: false,
         upgraded: false,
         tunnel_duration: None,
         websocket: None,

@@ -185,14 +185,16 @@ impl Tunnel {
     }
 
     /// Ends the tunnel: logs it with `reason`, gives the upstream back and closes it.
+    /// `TunnelClosed` goes first and the access-log record last, so whoever sees the log line
+    /// (a test, an operator) finds the gauges already updated.
     pub(super) fn close(mut self, cx: &mut Conn, reason: CloseReason) {
-        self.record.log.websocket = self.frames.as_ref().map(|f| f.log());
-        cx.log(self.record, Some(reason), Some(self.started));
         let peer = cx.peer_of(&self.upstream);
         cx.emit(Event::TunnelClosed {
             peer,
             duration: cx.now.saturating_duration_since(self.started),
         });
+        self.record.log.websocket = self.frames.as_ref().map(|f| f.log());
+        cx.log(self.record, Some(reason), Some(self.started));
         cx.drop_upstream(self.upstream);
     }
 }
