@@ -3,7 +3,9 @@
 //! port; the proxy in front of it is the real thing.
 //!
 //! This is a deliberately small origin server, not part of the proxy: it serves `/` (the page)
-//! and `/ws` (echo), with keep-alive, and nothing else.
+//! and `/ws` (echo), with keep-alive, and nothing else. `/ws?info` first sends one text message
+//! describing the handshake as the upstream saw it (the request head switchyard forwarded, and
+//! the `Sec-WebSocket-Accept` switchyard verified), which the page shows.
 
 use std::net::SocketAddr;
 
@@ -12,14 +14,25 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 const PAGE: &str = include_str!("demo.html");
 const MAX_HEAD: usize = 16 * 1024;
 
 /// Starts the echo upstream on its own thread (with a small tokio runtime, whatever runtime the
-/// proxy uses) and returns its address.
-pub fn start_upstream_thread() -> std::io::Result<SocketAddr> {
+/// proxy uses) and returns its address. `metrics` is linked from the page when given.
+pub fn start_upstream_thread(metrics: Option<String>) -> std::io::Result<SocketAddr> {
+    // Made once per process and kept for its life: leaking it is simpler than sharing it.
+    let page: &'static str = Box::leak(
+        PAGE.replace(
+            "<!--METRICS-->",
+            &metrics.map_or_else(String::new, |url| {
+                format!("<p>Metrics: <a href=\"{url}\">{url}</a></p>")
+            }),
+        )
+        .into_boxed_str(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("demo-upstream".into())
@@ -35,7 +48,7 @@ pub fn start_upstream_thread() -> std::io::Result<SocketAddr> {
                 }
             };
             rt.block_on(async move {
-                let started = spawn_upstream().await;
+                let started = spawn_upstream(page).await;
                 let ok = started.is_ok();
                 let _ = tx.send(started);
                 if ok {
@@ -48,7 +61,7 @@ pub fn start_upstream_thread() -> std::io::Result<SocketAddr> {
 }
 
 /// Starts the echo upstream on 127.0.0.1 and returns its address.
-async fn spawn_upstream() -> std::io::Result<SocketAddr> {
+async fn spawn_upstream(page: &'static str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -56,7 +69,7 @@ async fn spawn_upstream() -> std::io::Result<SocketAddr> {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream).await {
+                        if let Err(e) = serve(stream, page).await {
                             tracing::debug!(error = %e, "demo upstream connection ended");
                         }
                     });
@@ -68,7 +81,7 @@ async fn spawn_upstream() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
+async fn serve(mut stream: TcpStream, page: &'static str) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let head_len = loop {
@@ -95,25 +108,42 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
             .map(|h| h.value.to_vec());
+        let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
         buf.advance(head_len);
-        if path == "/ws" {
+        if path == "/ws" || path == "/ws?info" {
             let Some(key) = key else {
-                stream
-                    .write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
-                    .await?;
+                // RFC 9110 §15.5.22: a 426 names the protocol to switch to.
+                let body = "this is a WebSocket endpoint: connect with a WebSocket client\n";
+                let resp = format!(
+                    "HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(resp.as_bytes()).await?;
                 continue;
             };
             let accept = proxy_core::websocket_accept(&key);
-            let mut resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ".to_vec();
-            resp.extend_from_slice(&accept);
-            resp.extend_from_slice(b"\r\n\r\n");
-            stream.write_all(&resp).await?;
-            let ws = WebSocketStream::from_partially_read(stream, buf.to_vec(), Role::Server, None)
-                .await;
+            let accept = String::from_utf8_lossy(&accept).into_owned();
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(resp.as_bytes()).await?;
+            let mut ws =
+                WebSocketStream::from_partially_read(stream, buf.to_vec(), Role::Server, None)
+                    .await;
+            if path == "/ws?info" {
+                let info = format!(
+                    "info\nThe upstream received this head from switchyard:\n\n{}\nIt answered 101 with Sec-WebSocket-Accept: {accept}\nswitchyard checked that value (SHA-1 of the key plus the RFC 6455 GUID, base64) before opening the tunnel.",
+                    head.trim_end()
+                );
+                ws.send(Message::text(info))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            }
             return echo(ws).await;
         }
         let (status, ctype, body) = match path.as_str() {
-            "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", PAGE),
+            "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", page),
             _ => ("404 Not Found", "text/plain; charset=utf-8", "not found\n"),
         };
         let head = format!(

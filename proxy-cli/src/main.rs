@@ -67,6 +67,9 @@ enum Command {
         /// Async runtime to use.
         #[arg(long, value_enum, default_value = "tokio")]
         runtime: RuntimeKind,
+        /// Also serve Prometheus metrics at http://ADDR/metrics (linked from the page).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Validates a config file and prints the effective configuration.
     CheckConfig {
@@ -181,9 +184,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             listen,
             access_log,
             runtime,
+            metrics,
         }) => {
-            let upstream =
-                demo::start_upstream_thread().context("cannot start the demo upstream")?;
+            let metrics = bind_metrics(metrics)?;
+            let metrics_url = metrics
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| format!("http://{a}/metrics"));
+            let upstream = demo::start_upstream_thread(metrics_url)
+                .context("cannot start the demo upstream")?;
             let flags = Overrides {
                 listen: vec![listen],
                 upstream: vec![upstream.to_string()],
@@ -202,7 +211,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it"
             );
-            serve(settings, listeners, None)
+            serve(settings, listeners, metrics)
         }
         None => {
             let a = cli.run;
@@ -224,16 +233,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let settings = Settings::load(a.config.as_deref(), &flags)?;
             // Bind before starting a runtime so that "address in use" is reported at once.
             let listeners = bind(&settings)?;
-            let metrics = a
-                .metrics
-                .map(|addr| {
-                    TcpListener::bind(&addr)
-                        .with_context(|| format!("--metrics: cannot listen on {addr}"))
-                })
-                .transpose()?;
+            let metrics = bind_metrics(a.metrics)?;
             serve(settings, listeners, metrics)
         }
     }
+}
+
+fn bind_metrics(addr: Option<String>) -> anyhow::Result<Option<TcpListener>> {
+    addr.map(|addr| {
+        TcpListener::bind(&addr).with_context(|| format!("--metrics: cannot listen on {addr}"))
+    })
+    .transpose()
 }
 
 fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {

@@ -733,7 +733,13 @@ fn no_upstream_is_a_clear_error() {
 #[test]
 fn demo_serves_page_and_echo_then_stops_on_sigint() {
     let rt = runtime();
-    let mut proc = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"]);
+    let mut proc = Proc::spawn(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     let listen = proc.wait_ready();
     let response = rt.block_on(exchange_until_close(
         listen,
@@ -756,6 +762,41 @@ fn demo_serves_page_and_echo_then_stops_on_sigint() {
         .expect("Content-Length");
     assert_eq!(body.len(), length);
     assert!(body.contains("switchyard demo"), "{body}");
+    assert!(
+        body.contains("/metrics\">http://"),
+        "the page links the metrics"
+    );
+    // A plain GET of the WebSocket endpoint: 426 naming the protocol (RFC 9110 §15.5.22).
+    let response = rt.block_on(exchange_until_close(
+        listen,
+        b"GET /ws HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
+    ));
+    assert!(response.starts_with("HTTP/1.1 426 "), "{response}");
+    assert!(
+        response.contains("\r\nUpgrade: websocket\r\n"),
+        "{response}"
+    );
+    // With ?info the upstream first describes the handshake switchyard forwarded and checked.
+    let info = rt.block_on(async {
+        let (mut ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{listen}/ws?info")),
+        )
+        .await
+        .expect("handshake within WAIT")
+        .expect("handshake");
+        let first = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("info within WAIT");
+        let _ = ws.close(None).await;
+        match first {
+            Some(Ok(Message::Text(t))) => t.to_string(),
+            other => panic!("expected the info message, got {other:?}"),
+        }
+    });
+    assert!(info.starts_with("info\n"), "{info}");
+    assert!(info.contains("X-Forwarded-For: 127.0.0.1"), "{info}");
+    assert!(info.contains("Sec-WebSocket-Accept: "), "{info}");
     rt.block_on(ws_round_trip(&format!("ws://{listen}/ws")));
     proc.signal("-INT");
     let status = proc.wait_exit();

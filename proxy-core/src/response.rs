@@ -14,8 +14,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::body::Framing;
 use crate::error::ResponseError;
 use crate::fields::{
-    header_slots, is_hop_or_framing, list_contains, list_items, parse_content_length, trim_ows,
-    Items, STACK_HEADERS,
+    header_slots, is_hop_or_framing, is_token_byte, list_contains, list_items,
+    parse_content_length, trim_ows, Items, STACK_HEADERS,
 };
 use crate::request::check_line_endings;
 use crate::upgrade::{check_switch, put_upgrade_fields, UpgradeRequest};
@@ -30,6 +30,8 @@ pub(crate) struct ResponseContext<'a> {
     pub(crate) upgrade: Option<&'a UpgradeRequest>,
     pub(crate) check_accept: bool,
     pub(crate) max_headers: usize,
+    /// The protocols the route lets clients switch to: a `426`'s `Upgrade` names only these.
+    pub(crate) protocols: &'a [String],
 }
 
 /// How the body reaches the client.
@@ -100,6 +102,7 @@ pub(crate) fn parse_response(
     let mut te_chunked_only = true;
     let mut te_count = 0;
     let mut upgrade_ok = false;
+    let mut advertised = Items::default();
     let mut accepts = Items::default();
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
@@ -122,6 +125,14 @@ pub(crate) fn parse_response(
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             if let Some(up) = ctx.upgrade {
                 upgrade_ok |= list_contains(value, up.token.as_bytes());
+            }
+            if status == 426 {
+                advertised.extend(list_items(value).filter(|t| {
+                    let name = t.split(|b| *b == b'/').next().unwrap_or(t);
+                    ctx.protocols.iter().any(|p| {
+                        p.as_bytes().eq_ignore_ascii_case(name) && !p.eq_ignore_ascii_case("h2c")
+                    }) && t.iter().all(|b| is_token_byte(*b) || *b == b'/')
+                }));
             }
         } else if name.eq_ignore_ascii_case(b"sec-websocket-accept") {
             accepts.push(value);
@@ -229,10 +240,39 @@ pub(crate) fn parse_response(
                 (_, ClientFraming::Chunked) => out.put_slice(b"Transfer-Encoding: chunked\r\n"),
                 _ => {}
             }
-            if !client_keep_alive {
-                out.put_slice(b"Connection: close\r\n");
+            // A 426 must say what to switch to (RFC 9110 §15.5.22); `Upgrade` is hop-by-hop,
+            // so the proxy re-states the protocols it would tunnel, with `Connection: upgrade`.
+            let upgrade = !advertised.as_slice().is_empty();
+            if upgrade {
+                out.put_slice(b"Upgrade: ");
+                for (i, t) in advertised.iter().enumerate() {
+                    if i > 0 {
+                        out.put_slice(b", ");
+                    }
+                    out.put_slice(t);
+                }
+                out.put_slice(b"\r\n");
+            }
+            let persistence: &[u8] = if !client_keep_alive {
+                b"close"
             } else if ctx.client_minor == 0 {
-                out.put_slice(b"Connection: keep-alive\r\n");
+                b"keep-alive"
+            } else {
+                b""
+            };
+            match (upgrade, persistence.is_empty()) {
+                (false, true) => {}
+                (false, false) => {
+                    out.put_slice(b"Connection: ");
+                    out.put_slice(persistence);
+                    out.put_slice(b"\r\n");
+                }
+                (true, true) => out.put_slice(b"Connection: upgrade\r\n"),
+                (true, false) => {
+                    out.put_slice(b"Connection: upgrade, ");
+                    out.put_slice(persistence);
+                    out.put_slice(b"\r\n");
+                }
             }
         }
     }
@@ -303,7 +343,31 @@ mod tests {
             upgrade,
             check_accept: true,
             max_headers: 100,
+            protocols: &PROTOCOLS,
         }
+    }
+
+    static PROTOCOLS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| vec!["websocket".to_owned()]);
+
+    #[test]
+    fn a_426_names_the_protocols_the_proxy_would_tunnel() {
+        let r = parse_response(
+            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket, h2c, chat/2\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n",
+            &ctx(None),
+        )
+        .expect("a valid response");
+        let head = String::from_utf8(r.client_head.to_vec()).expect("ascii");
+        assert!(head.contains("\r\nUpgrade: websocket\r\n"), "{head}");
+        assert!(head.contains("\r\nConnection: upgrade\r\n"), "{head}");
+        assert!(!head.contains("h2c") && !head.contains("chat"), "{head}");
+        // Any other status keeps Upgrade out, as the hop-by-hop field it is.
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+            &ctx(None),
+        )
+        .expect("a valid response");
+        assert!(!String::from_utf8_lossy(&r.client_head).contains("Upgrade"));
     }
 
     fn ws() -> UpgradeRequest {

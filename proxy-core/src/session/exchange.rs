@@ -429,6 +429,10 @@ impl Exchange {
             upgrade: self.http.upgrade.as_ref(),
             check_accept: cx.config.check_websocket_accept,
             max_headers: cx.config.limits.max_headers,
+            protocols: cx
+                .route()
+                .and_then(|r| r.settings.upgrade_protocols.as_deref())
+                .unwrap_or(&cx.config.upgrade_protocols),
         };
         let resp = match parse_response(&head, &ctx) {
             Ok(r) => r,
