@@ -14,13 +14,13 @@ use proxy_core::{
     Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost, WebSocket,
     DEFAULT_GROUP,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::access_log;
 use crate::units::{format_duration, parse_duration, parse_size};
 
 /// Which async runtime drives the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// tokio's multi-threaded (or, with one worker, current-thread) runtime.
@@ -68,9 +68,10 @@ pub struct SettingsError(String);
 
 // ---- the file ----
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    #[serde(default, deserialize_with = "one_or_many")]
     listen: Option<Vec<String>>,
     workers: Option<usize>,
     runtime: Option<RuntimeKind>,
@@ -88,7 +89,7 @@ struct File {
 
 /// `[websocket]` (or `websocket = { ... }` in a server or route): the frame-aware tunnel. Its
 /// presence turns it on; every key is optional.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct WebSocketSection {
     ping_interval: Option<Dur>,
@@ -130,12 +131,14 @@ impl WebSocketSection {
 
 /// `[proxy_protocol]`: listeners behind an L4 balancer (nginx `listen ... proxy_protocol` with
 /// `set_real_ip_from`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ProxyProtocolSection {
     /// Listener addresses that require the header; absent means every listener.
+    #[serde(default, deserialize_with = "one_or_many")]
     listen: Option<Vec<String>>,
     /// Balancers allowed to send it.
+    #[serde(deserialize_with = "many")]
     trusted: Vec<String>,
 }
 
@@ -176,7 +179,7 @@ impl<'de> Deserialize<'de> for UpstreamSection {
                 let mut s = UpstreamSection::default();
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
-                        "peers" => s.peers = Some(map.next_value()?),
+                        "peers" => s.peers = Some(map.next_value::<OneOrMany>()?.0),
                         "servers" => s.servers = Some(map.next_value()?),
                         "method" => s.method = Some(map.next_value()?),
                         "hash" => s.hash = Some(map.next_value()?),
@@ -197,6 +200,76 @@ impl<'de> Deserialize<'de> for UpstreamSection {
         }
         d.deserialize_map(Visitor)
     }
+}
+
+impl Serialize for UpstreamSection {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = ser.serialize_map(None)?;
+        macro_rules! entry {
+            ($($key:ident),*) => {$(
+                if let Some(v) = &self.$key {
+                    m.serialize_entry(stringify!($key), v)?;
+                }
+            )*};
+        }
+        entry!(
+            peers,
+            servers,
+            method,
+            hash,
+            tries,
+            try_timeout,
+            pool_idle_timeout,
+            pool_max_idle,
+            dns_refresh,
+            health
+        );
+        for (name, group) in &self.groups {
+            m.serialize_entry(name, group)?;
+        }
+        m.end()
+    }
+}
+
+/// A list of strings, or one string for a list of one (`listen = "127.0.0.1:8080"`).
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(OneOrMany(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    OneOrMany::deserialize(d).map(|l| Some(l.0))
+}
+
+fn many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    OneOrMany::deserialize(d).map(|l| l.0)
 }
 
 /// A named group's table, with an error that says what an unknown `[upstream]` key may be.
@@ -228,9 +301,10 @@ impl<'de> Deserialize<'de> for GroupTable {
 }
 
 /// `[upstream.NAME]`: one named group.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct GroupSection {
+    #[serde(default, deserialize_with = "one_or_many")]
     peers: Option<Vec<String>>,
     servers: Option<Vec<ServerSpec>>,
     method: Option<String>,
@@ -242,7 +316,7 @@ struct GroupSection {
 
 /// `health = { check = "http", path = "/healthz", expect = "200-399", interval = "5s",
 /// timeout = "2s", fails = 2, passes = 1 }` (or `check = "tcp"`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct HealthSection {
     check: String,
@@ -255,7 +329,7 @@ struct HealthSection {
 }
 
 /// `200`, `"200"` or `"200-399"`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 enum StatusSpec {
     One(u16),
@@ -263,14 +337,14 @@ enum StatusSpec {
 }
 
 /// A server of a group: `"host:port"`, or a table with nginx's `server` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 enum ServerSpec {
     Addr(String),
     Full(ServerTable),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ServerTable {
     addr: String,
@@ -282,40 +356,46 @@ struct ServerTable {
 }
 
 /// `[[server]]`: a virtual host (nginx `server`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ServerBlock {
+    #[serde(default, deserialize_with = "one_or_many")]
     listen: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     server_names: Option<Vec<String>>,
     #[serde(default)]
     route: Vec<RouteBlock>,
     host: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
     upgrade_protocols: Option<Vec<String>>,
     max_body: Option<Size>,
     set_headers: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     remove_headers: Option<Vec<String>>,
     timeouts: Option<RouteTimeouts>,
     websocket: Option<WebSocketSection>,
 }
 
 /// `[[server.route]]`: a route (nginx `location`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RouteBlock {
     path: String,
     upstream: Option<String>,
     strip_prefix: Option<bool>,
     host: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
     upgrade_protocols: Option<Vec<String>>,
     max_body: Option<Size>,
     set_headers: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     remove_headers: Option<Vec<String>>,
     timeouts: Option<RouteTimeouts>,
     websocket: Option<WebSocketSection>,
 }
 
 /// The timeouts a server or route may set for its exchanges and tunnels.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RouteTimeouts {
     connect: Option<Dur>,
@@ -327,7 +407,7 @@ struct RouteTimeouts {
     fin: Option<Dur>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct TimeoutsSection {
     connect: Option<Dur>,
@@ -342,7 +422,7 @@ struct TimeoutsSection {
     linger: Option<Dur>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsSection {
     max_head: Option<Size>,
@@ -354,14 +434,17 @@ struct LimitsSection {
     max_requests: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     host: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
     trusted_proxies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     upgrade_protocols: Option<Vec<String>>,
     check_websocket_accept: Option<bool>,
     set_headers: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     remove_headers: Option<Vec<String>>,
 }
 
@@ -390,6 +473,12 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&format_duration(self.0))
+    }
+}
+
 /// A size written as `"32k"` (or a number of bytes).
 #[derive(Debug, Clone, Copy)]
 struct Size(u64);
@@ -408,6 +497,12 @@ impl<'de> Deserialize<'de> for Size {
             Raw::Bytes(n) => Ok(Size(n)),
             Raw::Text(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
         }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_u64(self.0)
     }
 }
 
@@ -435,118 +530,89 @@ impl Settings {
         build(file, flags, &at)
     }
 
-    /// The effective configuration as TOML, for `check-config`.
+    /// The effective configuration as TOML, for `check-config`: every key with the value in
+    /// force, written by the same types the file is read with, so the output reads back as the
+    /// same configuration.
     pub fn to_toml(&self) -> String {
+        let mut s = match toml::to_string(&self.to_file()) {
+            Ok(s) => s,
+            // Not reached: every value written is a string, number, bool, list or table.
+            Err(e) => format!("# cannot print the configuration: {e}\n"),
+        };
+        s.push_str(&self.routing_table());
+        s
+    }
+
+    /// The file that configures exactly these settings.
+    fn to_file(&self) -> File {
         let c = &self.config;
         let t = &c.timeouts;
         let l = &c.limits;
-        let list = |v: Vec<String>| {
-            format!(
-                "[{}]",
-                v.iter()
-                    .map(|s| format!("{s:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+        let (set_headers, remove_headers) = header_sections(&c.headers);
+        let mut upstream = UpstreamSection {
+            pool_idle_timeout: Some(Dur(self.pool_idle_timeout)),
+            pool_max_idle: Some(self.pool_max_idle),
+            dns_refresh: Some(Dur(self.dns_refresh)),
+            ..UpstreamSection::default()
         };
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "listen = {}",
-            list(self.listen.iter().map(ToString::to_string).collect())
-        );
-        let _ = writeln!(s, "workers = {}", self.workers);
-        let _ = writeln!(
-            s,
-            "runtime = {:?}",
-            format!("{:?}", self.runtime).to_lowercase()
-        );
-        let _ = writeln!(s, "access_log = {:?}", self.access_log.describe());
-        let _ = writeln!(
-            s,
-            "drain_timeout = {:?}",
-            format_duration(self.drain_timeout)
-        );
-        let _ = writeln!(s, "\n[upstream]");
-        let _ = writeln!(
-            s,
-            "peers = {}",
-            list(c.upstream.peers().map(ToString::to_string).collect())
-        );
-        let _ = writeln!(
-            s,
-            "pool_idle_timeout = {:?}",
-            format_duration(self.pool_idle_timeout)
-        );
-        let _ = writeln!(s, "pool_max_idle = {}", self.pool_max_idle);
-        let _ = writeln!(s, "dns_refresh = {:?}", format_duration(self.dns_refresh));
-        let _ = writeln!(s, "\n[timeouts]");
-        for (k, v) in [
-            ("connect", t.connect),
-            ("read", t.read),
-            ("send", t.send),
-            ("request_head", t.request_head),
-            ("client_body", t.client_body),
-            ("keep_alive", t.keep_alive),
-            ("tunnel_idle", t.tunnel_idle),
-            (
-                "tunnel_lifetime",
-                t.tunnel_lifetime.unwrap_or(Duration::ZERO),
-            ),
-            ("fin", t.fin),
-            ("linger", t.linger),
-        ] {
-            let _ = writeln!(s, "{k} = {:?}", format_duration(v));
+        let default = group_section(&c.upstream);
+        upstream.servers = default.servers;
+        upstream.method = default.method;
+        upstream.hash = default.hash;
+        upstream.tries = default.tries;
+        upstream.try_timeout = default.try_timeout;
+        upstream.health = default.health;
+        for g in &c.groups {
+            upstream.groups.insert(g.name.clone(), group_section(g));
         }
-        let _ = writeln!(s, "\n[limits]");
-        let _ = writeln!(
-            s,
-            "max_head = {}\nmax_headers = {}\nmax_uri = {}",
-            l.max_head, l.max_headers, l.max_uri
-        );
-        let _ = writeln!(
-            s,
-            "max_body = {}\nmax_held = {}\nqueue = {}",
-            l.max_body, l.max_held, l.queue
-        );
-        let _ = writeln!(s, "max_requests = {}", l.max_requests);
-        let _ = writeln!(s, "\n[http]");
-        let host = match &c.host {
-            HostPolicy::Upstream => "$proxy_host".to_owned(),
-            HostPolicy::Literal(h) => h.clone(),
-            _ => "$host".to_owned(),
-        };
-        let _ = writeln!(s, "host = {host:?}");
-        let _ = writeln!(
-            s,
-            "upgrade_protocols = {}",
-            list(c.upgrade_protocols.clone())
-        );
-        let _ = writeln!(s, "check_websocket_accept = {}", c.check_websocket_accept);
-        let _ = writeln!(
-            s,
-            "trusted_proxies = {}",
-            list(c.trusted_proxies.iter().map(ToString::to_string).collect())
-        );
-        if let Some(w) = &c.websocket {
-            let _ = writeln!(s, "\n[websocket]");
-            let interval = w.ping_interval.unwrap_or(Duration::ZERO);
-            for (k, v) in [
-                ("ping_interval", interval),
-                ("ping_timeout", w.ping_timeout),
-                ("close_spread", w.close_spread),
-                ("close_timeout", w.close_timeout),
-            ] {
-                let _ = writeln!(s, "{k} = {:?}", format_duration(v));
-            }
-            let _ = writeln!(
-                s,
-                "max_frame = {}\nmax_message = {}\nrequire_mask = {}",
-                w.max_frame, w.max_message, w.require_mask
-            );
+        File {
+            listen: Some(self.listen.iter().map(ToString::to_string).collect()),
+            workers: Some(self.workers),
+            runtime: Some(self.runtime),
+            access_log: Some(self.access_log.describe()),
+            drain_timeout: Some(Dur(self.drain_timeout)),
+            upstream: Some(upstream),
+            timeouts: Some(TimeoutsSection {
+                connect: Some(Dur(t.connect)),
+                read: Some(Dur(t.read)),
+                send: Some(Dur(t.send)),
+                request_head: Some(Dur(t.request_head)),
+                client_body: Some(Dur(t.client_body)),
+                keep_alive: Some(Dur(t.keep_alive)),
+                tunnel_idle: Some(Dur(t.tunnel_idle)),
+                tunnel_lifetime: Some(Dur(t.tunnel_lifetime.unwrap_or(Duration::ZERO))),
+                fin: Some(Dur(t.fin)),
+                linger: Some(Dur(t.linger)),
+            }),
+            limits: Some(LimitsSection {
+                max_head: Some(Size(l.max_head as u64)),
+                max_headers: Some(l.max_headers),
+                max_uri: Some(Size(l.max_uri as u64)),
+                max_body: Some(Size(l.max_body)),
+                max_held: Some(Size(l.max_held as u64)),
+                queue: Some(Size(l.queue as u64)),
+                max_requests: Some(l.max_requests),
+            }),
+            http: Some(HttpSection {
+                host: Some(host_text(&c.host)),
+                trusted_proxies: Some(c.trusted_proxies.iter().map(ToString::to_string).collect()),
+                upgrade_protocols: Some(c.upgrade_protocols.clone()),
+                check_websocket_accept: Some(c.check_websocket_accept),
+                set_headers: (!set_headers.is_empty()).then_some(set_headers),
+                remove_headers: Some(remove_headers),
+            }),
+            server: (!c.virtual_hosts.is_empty()).then(|| {
+                c.virtual_hosts
+                    .iter()
+                    .map(|vh| server_block(vh, c))
+                    .collect()
+            }),
+            proxy_protocol: c.proxy_protocol.as_ref().map(|p| ProxyProtocolSection {
+                listen: Some(p.listeners.iter().map(ToString::to_string).collect()),
+                trusted: p.trusted.iter().map(ToString::to_string).collect(),
+            }),
+            websocket: c.websocket.as_ref().map(websocket_section),
         }
-        s.push_str(&self.routing_table());
-        s
     }
 
     /// The resolved routing table, as TOML comments: every group with its method and servers,
@@ -1186,6 +1252,161 @@ fn virtual_host_from(
     Ok((vh, listen))
 }
 
+// ---- writing a configuration back (check-config) ----
+
+fn host_text(h: &HostPolicy) -> String {
+    match h {
+        HostPolicy::Upstream => "$proxy_host".to_owned(),
+        HostPolicy::Literal(l) => l.clone(),
+        _ => "$host".to_owned(),
+    }
+}
+
+/// `set_headers` / `remove_headers` for `rules`. Within one section removals apply before
+/// additions, the order the file is read in.
+fn header_sections(rules: &[HeaderRule]) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut set = BTreeMap::new();
+    let mut remove = Vec::new();
+    for r in rules {
+        match r {
+            HeaderRule::Set { name, value } => {
+                set.insert(name.clone(), value.to_string());
+            }
+            HeaderRule::Remove { name } => remove.push(name.clone()),
+            _ => {}
+        }
+    }
+    (set, remove)
+}
+
+fn group_section(g: &UpstreamGroup) -> GroupSection {
+    let servers = g
+        .servers
+        .iter()
+        .map(|srv| {
+            if *srv == UpstreamServer::new(srv.peer.clone()) {
+                ServerSpec::Addr(srv.peer.to_string())
+            } else {
+                ServerSpec::Full(ServerTable {
+                    addr: srv.peer.to_string(),
+                    weight: Some(srv.weight),
+                    max_conns: Some(srv.max_conns),
+                    max_fails: Some(srv.max_fails),
+                    fail_timeout: Some(Dur(srv.fail_timeout)),
+                    backup: Some(srv.backup),
+                })
+            }
+        })
+        .collect();
+    let (method, hash) = match &g.method {
+        BalanceMethod::LeastConn => ("least_conn", None),
+        BalanceMethod::IpHash => ("ip_hash", None),
+        BalanceMethod::Hash(key) => ("hash", Some(key.to_string())),
+        _ => ("round_robin", None),
+    };
+    GroupSection {
+        peers: None,
+        servers: Some(servers),
+        method: Some(method.to_owned()),
+        hash,
+        tries: Some(g.tries),
+        try_timeout: Some(Dur(g.try_timeout)),
+        health: g.health.as_ref().map(|h| {
+            let (check, path, expect) = match &h.kind {
+                HealthKind::Http { path, expect } => (
+                    "http",
+                    Some(path.clone()),
+                    Some(StatusSpec::Text(format!(
+                        "{}-{}",
+                        expect.start(),
+                        expect.end()
+                    ))),
+                ),
+                _ => ("tcp", None, None),
+            };
+            HealthSection {
+                check: check.to_owned(),
+                path,
+                expect,
+                interval: Some(Dur(h.interval)),
+                timeout: Some(Dur(h.timeout)),
+                fails: Some(h.fails),
+                passes: Some(h.passes),
+            }
+        }),
+    }
+}
+
+fn websocket_section(w: &WebSocket) -> WebSocketSection {
+    WebSocketSection {
+        ping_interval: Some(Dur(w.ping_interval.unwrap_or(Duration::ZERO))),
+        ping_timeout: Some(Dur(w.ping_timeout)),
+        max_frame: Some(Size(w.max_frame)),
+        max_message: Some(Size(w.max_message)),
+        close_spread: Some(Dur(w.close_spread)),
+        close_timeout: Some(Dur(w.close_timeout)),
+        require_mask: Some(w.require_mask),
+    }
+}
+
+/// A virtual host as a `[[server]]` block. Everything a route has in force is written on the
+/// route (server-level settings were merged into each route when the file was read); its
+/// header edits are those beyond the global ones.
+fn server_block(vh: &VirtualHost, c: &Config) -> ServerBlock {
+    let route = vh
+        .routes
+        .iter()
+        .map(|r| {
+            let st = &r.settings;
+            let own_rules = st
+                .headers
+                .as_deref()
+                .map(|h| h.strip_prefix(c.headers.as_slice()).unwrap_or(h));
+            let (set, remove) = own_rules.map(header_sections).unwrap_or_default();
+            RouteBlock {
+                path: match &r.path {
+                    PathMatch::Exact(p) => format!("= {p}"),
+                    PathMatch::Prefix(p) => p.clone(),
+                    _ => "/".to_owned(),
+                },
+                upstream: Some(r.group.clone()),
+                strip_prefix: Some(r.strip_prefix),
+                host: st.host.as_ref().map(host_text),
+                upgrade_protocols: st.upgrade_protocols.clone(),
+                max_body: st.max_body.map(Size),
+                set_headers: (!set.is_empty()).then_some(set),
+                remove_headers: (!remove.is_empty()).then_some(remove),
+                timeouts: st.timeouts.as_ref().map(|t| RouteTimeouts {
+                    connect: Some(Dur(t.connect)),
+                    read: Some(Dur(t.read)),
+                    send: Some(Dur(t.send)),
+                    client_body: Some(Dur(t.client_body)),
+                    tunnel_idle: Some(Dur(t.tunnel_idle)),
+                    tunnel_lifetime: Some(Dur(t.tunnel_lifetime.unwrap_or(Duration::ZERO))),
+                    fin: Some(Dur(t.fin)),
+                }),
+                websocket: st.websocket.as_ref().map(websocket_section),
+            }
+        })
+        .collect();
+    ServerBlock {
+        listen: (!vh.listen.is_empty())
+            .then(|| vh.listen.iter().map(ToString::to_string).collect()),
+        server_names: Some(
+            vh.names
+                .iter()
+                .map(|n| match n {
+                    ServerName::Exact(x) => x.clone(),
+                    ServerName::Suffix(x) => format!("*{x}"),
+                    _ => "_".to_owned(),
+                })
+                .collect(),
+        ),
+        route,
+        ..ServerBlock::default()
+    }
+}
+
 pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -1569,5 +1790,58 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(err.to_string().contains("ping_every"), "{err}");
+    }
+
+    /// `check-config` output reads back as the same configuration: for the example config, the
+    /// nginx translations, and one with every kind of rule.
+    #[test]
+    fn the_effective_configuration_round_trips() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut texts: Vec<(String, String)> = std::fs::read_dir(dir.join("examples"))
+            .expect("examples dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("read example");
+                (p.display().to_string(), text)
+            })
+            .collect();
+        texts.push((
+            "switchyard.example.toml".to_owned(),
+            std::fs::read_to_string(dir.join("switchyard.example.toml")).expect("example"),
+        ));
+        texts.push((
+            "everything".to_owned(),
+            "listen = \"127.0.0.1:18080\"\n\
+             [upstream]\npeers = \"10.0.0.1:80\"\nmethod = \"least_conn\"\ntries = 2\n\
+             health = { check = \"http\", path = \"/hz\", expect = \"200-204\", interval = \"3s\" }\n\
+             [upstream.chat]\nservers = [{ addr = \"10.0.0.2:80\", weight = 3, backup = false }, \"10.0.0.3:80\"]\n\
+             hash = \"room-$arg_room\"\n\
+             [http]\ntrusted_proxies = \"10.0.0.0/8\"\nset_headers = { X-Real-IP = \"$remote_addr\", X-Cost = \"5$$\" }\n\
+             remove_headers = \"X-Debug\"\n\
+             [websocket]\nping_interval = \"30s\"\n\
+             [proxy_protocol]\ntrusted = [\"10.1.0.0/16\"]\nlisten = \"127.0.0.1:18080\"\n\
+             [[server]]\nserver_names = [\"chat.example.com\", \"*.example.org\"]\nset_headers = { X-Site = \"chat\" }\n\
+             [[server.route]]\npath = \"= /health\"\n\
+             [[server.route]]\npath = \"/ws/\"\nupstream = \"chat\"\nstrip_prefix = true\nhost = \"$proxy_host\"\n\
+             timeouts = { tunnel_idle = \"2h\" }\nwebsocket = { max_message = \"64k\" }\nmax_body = \"0\"\n\
+             [[server]]\nserver_names = \"_\"\n[[server.route]]\npath = \"/\"\nremove_headers = [\"Cookie\"]\n"
+                .to_owned(),
+        ));
+        for (name, text) in texts {
+            let first =
+                load_str(&text, &Overrides::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let printed = first.to_toml();
+            let second = load_str(&printed, &Overrides::default()).unwrap_or_else(|e| {
+                panic!("{name}: the output does not read back: {e}\n{printed}")
+            });
+            assert_eq!(second.to_toml(), printed, "{name}");
+            assert_eq!(
+                format!("{:?}", second.config),
+                format!("{:?}", first.config),
+                "{name}"
+            );
+            assert_eq!(second.listen, first.listen, "{name}");
+        }
     }
 }

@@ -614,7 +614,7 @@ fn check_config_prints_effective_config() {
         "tunnel_idle = \"2h\"",
         "read = \"90s\"",
         "connect = \"1m\"",
-        "peers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+        "servers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
         "listen = [\"127.0.0.1:18080\"]",
         "max_body = 1048576",
     ] {
@@ -623,6 +623,12 @@ fn check_config_prints_effective_config() {
             "missing {expected:?} in:\n{stdout}"
         );
     }
+    // The output is itself a valid configuration, and the same one.
+    let body = stdout.split_once('\n').map_or("", |(_, rest)| rest);
+    let again = TempFile::new("again.toml", body);
+    let (status, stdout2, stderr) = Proc::run(&["check-config", again.path()]);
+    assert!(status.success(), "{status}; stderr: {stderr}");
+    assert_eq!(stdout2.split_once('\n').map(|(_, r)| r), Some(body));
 }
 
 #[test]

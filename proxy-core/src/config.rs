@@ -904,6 +904,44 @@ pub struct IpNet {
 }
 
 /// `addr/prefix`, as [`IpNet::parse`] reads it.
+/// Writes `text` so that [`split_variables`] reads it back as this literal.
+fn write_literal(f: &mut std::fmt::Formatter<'_>, text: &str) -> std::fmt::Result {
+    f.write_str(&text.replace('$', "$$"))
+}
+
+/// The key as it is written in a configuration (parses back to the same key).
+impl std::fmt::Display for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in &self.parts {
+            match part {
+                KeyPart::Literal(t) => write_literal(f, t)?,
+                KeyPart::RemoteAddr => f.write_str("$remote_addr")?,
+                KeyPart::Uri => f.write_str("$uri")?,
+                KeyPart::Arg(n) => write!(f, "$arg_{n}")?,
+                KeyPart::Cookie(n) => write!(f, "$cookie_{n}")?,
+                KeyPart::Header(n) => write!(f, "$http_{}", n.replace('-', "_"))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value as it is written in a configuration (parses back to the same template).
+impl std::fmt::Display for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in &self.parts {
+            match part {
+                TemplatePart::Literal(t) => write_literal(f, t)?,
+                TemplatePart::Var(Variable::RemoteAddr) => f.write_str("$remote_addr")?,
+                TemplatePart::Var(Variable::Host) => f.write_str("$host")?,
+                TemplatePart::Var(Variable::Scheme) => f.write_str("$scheme")?,
+                TemplatePart::Var(Variable::RequestUri) => f.write_str("$request_uri")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -1046,5 +1084,28 @@ mod tests {
         assert!(c.validate().is_ok());
         c.upgrade_protocols.push("h2c".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn keys_and_templates_print_as_they_parse() {
+        for text in [
+            "room-$arg_room:$http_x_user",
+            "$remote_addr$uri",
+            "a$$b$cookie_sid",
+        ] {
+            let key = HashKey::parse(text).expect("a valid key");
+            assert_eq!(key.to_string(), text);
+            assert_eq!(HashKey::parse(&key.to_string()).expect("reparses"), key);
+        }
+        for text in [
+            "$remote_addr",
+            "https://$host$request_uri",
+            "cost: 5$$",
+            "$scheme",
+        ] {
+            let t = Template::parse(text).expect("a valid template");
+            assert_eq!(t.to_string(), text);
+            assert_eq!(Template::parse(&t.to_string()).expect("reparses"), t);
+        }
     }
 }
