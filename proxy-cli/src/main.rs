@@ -6,6 +6,7 @@ mod access_log;
 mod demo;
 mod metrics;
 mod observe;
+mod probe;
 mod settings;
 mod units;
 
@@ -30,7 +31,7 @@ use units::{parse_duration, parse_size};
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, args_conflicts_with_subcommands = true)]
 #[command(
-    after_help = "Examples:\n  switchyard demo\n  switchyard --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 --upstream 127.0.0.1:9001\n  switchyard --config switchyard.toml\n  switchyard check-config switchyard.toml\n\nDurations take ms, s, m, h, d (e.g. 500ms, 90s, 1h30m) like nginx; `off` disables a timeout."
+    after_help = "Examples:\n  switchyard demo\n  switchyard --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 --upstream 127.0.0.1:9001\n  switchyard --config switchyard.toml\n  switchyard check-config switchyard.toml\n  switchyard probe ws://127.0.0.1:8080/ws\n\nDurations take ms, s, m, h, d (e.g. 500ms, 90s, 1h30m) like nginx; `off` disables a timeout."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -75,6 +76,26 @@ enum Command {
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// Performs one WebSocket handshake against URL (a backend, or through a proxy) and says in
+    /// plain words what is wrong if it fails.
+    ///
+    /// Exit codes: 0 ok (genuine 101, Ping answered), 2 unusable URL, 3 name does not resolve,
+    /// 4 cannot connect, 5 timeout, 6 no 101 (with why: redirect, 400, 404, a plain 200...),
+    /// 7 a 101 that is not a valid answer (Upgrade, Connection, Sec-WebSocket-Accept,
+    /// subprotocol), 8 no frames after the 101.
+    Probe {
+        /// The WebSocket URL, e.g. ws://127.0.0.1:8080/ws.
+        url: String,
+        /// Bound on each step (connect, handshake answer, Pong).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+        timeout: Duration,
+        /// A subprotocol to ask for (Sec-WebSocket-Protocol).
+        #[arg(long, value_name = "NAME")]
+        protocol: Option<String>,
+        /// An Origin header to send, as a browser would.
+        #[arg(long, value_name = "ORIGIN")]
+        origin: Option<String>,
     },
 }
 
@@ -138,6 +159,21 @@ fn main() -> ExitCode {
         eprintln!("switchyard: error: {e:#}");
         return ExitCode::FAILURE;
     }
+    if let Some(Command::Probe {
+        url,
+        timeout,
+        protocol,
+        origin,
+    }) = cli.command
+    {
+        let outcome = probe::run(&probe::Probe {
+            url,
+            timeout,
+            protocol,
+            origin,
+        });
+        return ExitCode::from(outcome.code());
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -171,6 +207,8 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        // Handled in `main`, which owns the exit code.
+        Some(Command::Probe { .. }) => Ok(()),
         Some(Command::CheckConfig { file }) => {
             let settings = Settings::load(Some(&file), &Overrides::default())?;
             print!(

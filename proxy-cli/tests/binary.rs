@@ -598,6 +598,172 @@ fn a_second_signal_exits_at_once_and_still_logs_open_tunnels() {
     drop(ws);
 }
 
+// ---- probe ----
+
+/// A one-trick server: for every connection, reads a request head and writes
+/// `answer(head)`; then holds the connection open (`hold`) or closes it.
+fn scripted_server(
+    answer: impl Fn(&str) -> Option<Vec<u8>> + Send + 'static,
+    hold: bool,
+) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind scripted server");
+    let addr = listener.local_addr().expect("scripted server address");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(WAIT));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match std::io::Read::read(&mut stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            if let Some(bytes) = answer(&String::from_utf8_lossy(&head)) {
+                let _ = std::io::Write::write_all(&mut stream, &bytes);
+            }
+            if hold {
+                held.push(stream);
+            }
+        }
+    });
+    addr
+}
+
+/// The accept value for the key in a request head.
+fn accept_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap_or("")
+        .trim();
+    String::from_utf8_lossy(&proxy_core::websocket_accept(key.as_bytes())).into_owned()
+}
+
+fn probe(url: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec!["probe", url];
+    args.extend_from_slice(extra);
+    let (status, stdout, stderr) = Proc::run(&args);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (status.code(), stdout)
+}
+
+#[test]
+fn probe_diagnoses_each_kind_of_failure() {
+    let rt = runtime();
+    let echo = rt.block_on(ws_echo());
+    // A real WebSocket server, directly and through switchyard.
+    let (code, out) = probe(&format!("ws://{echo}/"), &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("OK: ") && out.contains("Pong after"), "{out}");
+    let echo_s = echo.to_string();
+    let proxy = Proc::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &echo_s,
+        "--workers",
+        "1",
+    ]);
+    let listen = proxy.wait_ready();
+    let (code, out) = probe(&format!("ws://{listen}/through"), &[]);
+    assert_eq!(code, Some(0), "{out}");
+
+    let cases: Vec<(SocketAddr, i32, &str)> = vec![
+        (
+            scripted_server(
+                |_| Some(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()),
+                false,
+            ),
+            6,
+            "Upgrade and Connection headers were dropped",
+        ),
+        (
+            scripted_server(
+                |_| {
+                    Some(b"HTTP/1.1 301 Moved\r\nLocation: ws://elsewhere/ws\r\nContent-Length: 0\r\n\r\n".to_vec())
+                },
+                false,
+            ),
+            6,
+            "redirect to ws://elsewhere/ws",
+        ),
+        (
+            scripted_server(
+                |_| Some(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec()),
+                false,
+            ),
+            6,
+            "proxy_http_version 1.1",
+        ),
+        (
+            scripted_server(
+                |_| {
+                    Some(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                          Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                            .to_vec(),
+                    )
+                },
+                true,
+            ),
+            7,
+            "wrong Sec-WebSocket-Accept",
+        ),
+        (
+            scripted_server(
+                |head| {
+                    Some(
+                        format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                             Sec-WebSocket-Accept: {}\r\n\r\n",
+                            accept_for(head)
+                        )
+                        .into_bytes(),
+                    )
+                },
+                true,
+            ),
+            7,
+            "without Upgrade: websocket",
+        ),
+        (
+            scripted_server(
+                |head| {
+                    Some(
+                        format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                             Sec-WebSocket-Accept: {}\r\n\r\n",
+                            accept_for(head)
+                        )
+                        .into_bytes(),
+                    )
+                },
+                false,
+            ),
+            8,
+            "closed right after the 101",
+        ),
+        (
+            scripted_server(|_| None, true),
+            5,
+            "no answer to the handshake",
+        ),
+    ];
+    for (addr, want, needle) in cases {
+        let (code, out) = probe(&format!("ws://{addr}/x"), &["--timeout", "500ms"]);
+        assert_eq!(code, Some(want), "{needle}: {out}");
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    let refusing = switchyard_tests::refusing_port();
+    let (code, out) = probe(&format!("ws://{}/", refusing.addr), &[]);
+    assert_eq!(code, Some(4), "{out}");
+    let (code, out) = probe("wss://127.0.0.1:1/", &[]);
+    assert_eq!(code, Some(2), "{out}");
+}
+
 // ---- C: check-config ----
 
 #[test]
