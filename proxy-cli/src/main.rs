@@ -249,7 +249,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it"
             );
-            serve(settings, listeners, metrics)
+            serve(settings, listeners, metrics, None)
         }
         None => {
             let a = cli.run;
@@ -272,7 +272,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // Bind before starting a runtime so that "address in use" is reported at once.
             let listeners = bind(&settings)?;
             let metrics = bind_metrics(a.metrics)?;
-            serve(settings, listeners, metrics)
+            serve(settings, listeners, metrics, Some((a.config, flags)))
         }
     }
 }
@@ -293,10 +293,13 @@ fn bind(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
 }
 
 /// Runs the proxy on the configured runtime until a signal has drained it.
+/// `reload_from` is where a SIGHUP re-reads the configuration (the file and the flags), if
+/// this proxy can be reloaded.
 fn serve(
     settings: Settings,
     listeners: Vec<TcpListener>,
     metrics_listener: Option<TcpListener>,
+    reload_from: Option<(Option<PathBuf>, Overrides)>,
 ) -> anyhow::Result<()> {
     let access = access_log::sink(&settings.access_log)
         .with_context(|| format!("cannot open access log {}", settings.access_log.describe()))?;
@@ -331,7 +334,16 @@ fn serve(
         if workers == 1 { "" } else { "s" }
     );
     let shutdown = proxy_tokio::Shutdown::new();
-    signals::install(shutdown.clone(), settings.drain_timeout)?;
+    let on_hup = reload_from.map(|(path, flags)| {
+        let bound: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = settings
+            .listen
+            .iter()
+            .zip(&listeners)
+            .filter_map(|(cfg, l)| Some((*cfg, l.local_addr().ok()?)))
+            .collect();
+        reload::handler(path, flags, options.reload.clone(), bound, settings.clone())
+    });
+    signals::install(shutdown.clone(), settings.drain_timeout, on_hup)?;
     if let (Some(listener), Some(m)) = (metrics_listener, metrics) {
         let at = listener
             .local_addr()
@@ -420,24 +432,145 @@ fn warn_unresolved(config: &proxy_core::Config) {
     }
 }
 
+mod reload {
+    //! SIGHUP: the configuration is read again, exactly as at start (the file, then the
+    //! flags). A file that does not load is refused with the same error `check-config` gives,
+    //! and the running configuration stays. Otherwise new connections get the new one, open
+    //! tunnels and exchanges keep theirs, and listeners are opened and closed to match.
+
+    use std::net::{SocketAddr, TcpListener};
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use crate::settings::{Overrides, Settings};
+
+    /// Settings that only a restart changes.
+    fn restart_only(old: &Settings, new: &Settings) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if old.workers != new.workers {
+            v.push("workers");
+        }
+        if old.runtime != new.runtime {
+            v.push("runtime");
+        }
+        if old.access_log != new.access_log {
+            v.push("access_log");
+        }
+        if old.drain_timeout != new.drain_timeout {
+            v.push("drain_timeout");
+        }
+        if old.pool_idle_timeout != new.pool_idle_timeout
+            || old.pool_max_idle != new.pool_max_idle
+            || old.dns_refresh != new.dns_refresh
+        {
+            v.push("the upstream pool and DNS settings");
+        }
+        v
+    }
+
+    /// The SIGHUP handler. `bound` pairs each configured listen address with the address it
+    /// was bound to (they differ for port 0).
+    pub fn handler(
+        path: Option<PathBuf>,
+        flags: Overrides,
+        reloader: proxy_tokio::Reloader,
+        bound: Vec<(SocketAddr, SocketAddr)>,
+        running: Settings,
+    ) -> Box<dyn Fn() + Send> {
+        let state = Mutex::new((bound, running));
+        Box::new(move || {
+            let new = match Settings::load(path.as_deref(), &flags) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(
+                        "reload refused, still serving the previous configuration: {e}"
+                    );
+                    return;
+                }
+            };
+            let Ok(mut state) = state.lock() else {
+                return;
+            };
+            let (bound, running) = &mut *state;
+            // Bind what is new first: an address that cannot be had refuses the whole reload.
+            let mut add = Vec::new();
+            let mut added = Vec::new();
+            for addr in new
+                .listen
+                .iter()
+                .filter(|a| !bound.iter().any(|(c, _)| c == *a))
+            {
+                match TcpListener::bind(addr) {
+                    Ok(l) => {
+                        added.push((*addr, l.local_addr().unwrap_or(*addr)));
+                        add.push(l);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "reload refused, still serving the previous configuration: cannot listen on {addr}: {e}"
+                        );
+                        return;
+                    }
+                }
+            }
+            let (kept, gone): (Vec<_>, Vec<_>) =
+                bound.iter().partition(|(c, _)| new.listen.contains(c));
+            let stale = restart_only(running, &new);
+            if !stale.is_empty() {
+                tracing::warn!(
+                    "reload: {} changed, which takes a restart; the rest applies now",
+                    stale.join(", ")
+                );
+            }
+            crate::warn_unresolved(&new.config);
+            let mut reload = proxy_tokio::Reload::new(Arc::new(new.config.clone()));
+            reload.add = add;
+            reload.remove = gone.iter().map(|(_, b)| *b).collect();
+            reloader.reload(reload);
+            let mut now_bound = kept;
+            now_bound.extend(added);
+            let listening: Vec<String> = now_bound.iter().map(|(_, b)| b.to_string()).collect();
+            *bound = now_bound;
+            *running = new;
+            tracing::info!(
+                "reloaded the configuration: listening on {}; open connections keep the one they started with",
+                listening.join(", ")
+            );
+        })
+    }
+}
+
 mod signals {
-    //! SIGINT/SIGTERM handling on a plain thread, the same for every runtime: the first signal
-    //! starts a graceful drain, a second one exits at once.
+    //! Signal handling on a plain thread, the same for every runtime: SIGINT/SIGTERM start a
+    //! graceful drain (a second one exits at once), SIGHUP reloads the configuration.
 
     use std::time::Duration;
 
     use anyhow::Context as _;
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     use signal_hook::iterator::Signals;
 
-    pub fn install(shutdown: proxy_tokio::Shutdown, drain: Duration) -> anyhow::Result<()> {
-        let mut signals =
-            Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    pub fn install(
+        shutdown: proxy_tokio::Shutdown,
+        drain: Duration,
+        on_hup: Option<Box<dyn Fn() + Send>>,
+    ) -> anyhow::Result<()> {
+        let mut wanted = vec![SIGINT, SIGTERM];
+        if on_hup.is_some() {
+            wanted.push(SIGHUP);
+        }
+        let mut signals = Signals::new(&wanted).context("cannot install signal handlers")?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut seen = 0;
-                for _ in signals.forever() {
+                for sig in signals.forever() {
+                    if sig == SIGHUP {
+                        if let Some(reload) = &on_hup {
+                            reload();
+                        }
+                        continue;
+                    }
                     seen += 1;
                     if seen == 1 {
                         tracing::info!(

@@ -598,6 +598,70 @@ fn a_second_signal_exits_at_once_and_still_logs_open_tunnels() {
     drop(ws);
 }
 
+#[test]
+fn sighup_reloads_and_a_broken_file_keeps_the_running_configuration() {
+    let rt = runtime();
+    let (a, b) = rt.block_on(async { (named_origin("A").await, named_origin("B").await) });
+    let config = |peer: SocketAddr, extra: &str| {
+        format!("listen = \"127.0.0.1:0\"\n{extra}[upstream]\npeers = \"{peer}\"\n")
+    };
+    let file = TempFile::new("reload.toml", &config(a.addr, ""));
+    let mut proc = Proc::spawn(&[
+        "--config",
+        file.path(),
+        "--workers",
+        "1",
+        "--access-log",
+        "off",
+    ]);
+    let listen = proc.wait_ready();
+    let get = |addr: SocketAddr| {
+        let response = rt.block_on(exchange_until_close(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+        ));
+        response.rsplit("\r\n\r\n").next().unwrap_or("").to_owned()
+    };
+    assert_eq!(get(listen), "A");
+
+    // A new upstream and a second listener.
+    let second = free_addr();
+    std::fs::write(
+        &file.0,
+        config(b.addr, "").replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = [\"127.0.0.1:0\", \"{second}\"]"),
+        ),
+    )
+    .expect("rewrite the config");
+    proc.signal("-HUP");
+    proc.stderr
+        .wait_until(|s| s.contains("reloaded the configuration"))
+        .unwrap_or_else(|| panic!("no reload line: {}", proc.stderr.text()));
+    let deadline = Instant::now() + WAIT;
+    while get(listen) != "B" {
+        assert!(Instant::now() < deadline, "new connections still go to A");
+    }
+    assert_eq!(get(second), "B", "the listener added by the reload serves");
+
+    // A broken file: refused with the check-config error, and B keeps being served.
+    std::fs::write(&file.0, "[upstream\npeers = 1\n").expect("break the config");
+    proc.signal("-HUP");
+    let text = proc
+        .stderr
+        .wait_until(|s| s.contains("reload refused"))
+        .unwrap_or_else(|| panic!("no refusal: {}", proc.stderr.text()));
+    assert!(
+        text.contains(file.path()),
+        "the error names the file: {text}"
+    );
+    assert_eq!(get(listen), "B");
+
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+}
+
 // ---- probe ----
 
 /// A one-trick server: for every connection, reads a request head and writes

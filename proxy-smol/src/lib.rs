@@ -37,7 +37,9 @@ use async_io::Async;
 use proxy_core::Config;
 use proxy_drive::{BoxFuture, Direction, Runtime, Socket, Timer};
 
-pub use proxy_drive::{EventSink, Resolve, ServeOptions, Shutdown, Stats, SystemResolver};
+pub use proxy_drive::{
+    EventSink, Reload, Reloader, Resolve, ServeOptions, Shutdown, Stats, SystemResolver,
+};
 
 /// A boxed task, as handed to a [`Spawn`].
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;

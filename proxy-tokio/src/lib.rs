@@ -43,7 +43,9 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
-pub use proxy_drive::{EventSink, Resolve, ServeOptions, Shutdown, Stats, SystemResolver};
+pub use proxy_drive::{
+    EventSink, Reload, Reloader, Resolve, ServeOptions, Shutdown, Stats, SystemResolver,
+};
 
 /// Serves `listeners` until `shutdown` is triggered and every connection has finished (or the
 /// drain timeout, plus a short grace, has passed). Must run inside a tokio runtime with the

@@ -152,6 +152,7 @@ pub struct ProxyHandle {
     pub events: Arc<EventLog>,
     /// The proxy's live gauges (tasks, connections, pooled upstream connections).
     pub stats: Arc<proxy_tokio::Stats>,
+    reloader: proxy_tokio::Reloader,
     shutdown: proxy_tokio::Shutdown,
     thread: Option<JoinHandle<()>>,
 }
@@ -232,6 +233,7 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
         });
     }
     let stats = Arc::clone(&options.stats);
+    let reloader = options.reload.clone();
     let serve_shutdown = shutdown.clone();
     let config = Arc::new(config);
     let thread = std::thread::Builder::new()
@@ -289,6 +291,7 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
         addr,
         events,
         stats,
+        reloader,
         shutdown,
         thread: Some(thread),
     }
@@ -298,6 +301,11 @@ impl ProxyHandle {
     /// `ws://ADDR{path}`.
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.addr)
+    }
+
+    /// Hands the running proxy a reload (a new configuration, listeners to add or remove).
+    pub fn reload(&self, reload: proxy_tokio::Reload) {
+        self.reloader.reload(reload);
     }
 
     /// Forces a hard stop (the second signal): nothing is waited for.

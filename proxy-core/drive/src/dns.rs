@@ -128,6 +128,14 @@ impl DnsCache {
         Lookup::Ready(addrs)
     }
 
+    /// Forgets the names `keep` says are no longer configured (after a reload), so the cache
+    /// stays bounded by the configuration in force.
+    pub(crate) fn retain(&self, keep: impl Fn(&Peer) -> bool) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|peer, _| keep(peer));
+        }
+    }
+
     /// Records the answer of a first lookup.
     pub(crate) fn store(&self, peer: &Peer, addrs: &[SocketAddr], now: Instant) {
         if self.refresh.is_zero() || addrs.is_empty() {

@@ -54,9 +54,10 @@ pub(crate) async fn run<R: Runtime>(
     client: PeerInfo,
     guard: TaskGuard,
 ) {
+    let generation = shared.current();
     let session = Session::new(
-        Arc::clone(&shared.config),
-        Arc::clone(&shared.balancer),
+        Arc::clone(&generation.config),
+        Arc::clone(&generation.balancer),
         client,
         Instant::now(),
     );

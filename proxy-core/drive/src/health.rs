@@ -15,13 +15,15 @@ use proxy_core::Peer;
 
 use crate::dns::Lookup;
 use crate::runtime::{Runtime, Socket};
-use crate::server::{sleep, Shared};
+use crate::server::{sleep, Generation, Shared};
 use crate::shutdown::{race, TaskGuard};
 use crate::sys::{self, ReadOutcome, WriteOutcome};
 
-/// Checks `server` of group `gi` every interval until the shutdown.
+/// Checks `server` of group `gi` of `generation` every interval until the shutdown, or until a
+/// reload replaces the generation.
 pub(crate) async fn check_server<R: Runtime>(
     shared: Arc<Shared<R>>,
+    generation: Arc<Generation>,
     gi: usize,
     server: u16,
     check: HealthCheck,
@@ -35,9 +37,9 @@ pub(crate) async fn check_server<R: Runtime>(
             false
         })
         .await;
-        match shared
+        match generation
             .balancer
-            .health_result(&shared.config, gi, server, passed)
+            .health_result(&generation.config, gi, server, passed)
         {
             Some(true) => {
                 tracing::info!(upstream = %peer, "upstream server passes its health check again")
@@ -59,7 +61,7 @@ pub(crate) async fn check_server<R: Runtime>(
             },
         )
         .await;
-        if stop {
+        if stop || shared.current().id != generation.id {
             return;
         }
     }

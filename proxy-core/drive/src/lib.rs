@@ -35,12 +35,14 @@ mod drive;
 mod health;
 mod link;
 mod pool;
+mod reload;
 mod runtime;
 mod server;
 mod shutdown;
 mod sys;
 
 pub use dns::{Resolve, SystemResolver};
+pub use reload::{Reload, Reloader};
 pub use runtime::{AsSocketFd, BoxFuture, Direction, Runtime, Socket, Timer};
 pub use server::{serve, EventSink, ServeOptions};
 pub use shutdown::{Shutdown, Stats};

@@ -316,10 +316,14 @@ mod tests {
             Bytes::from_static(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
             now,
         );
-        let Some(Action::Connect { id, .. }) = l.next_action() else {
-            panic!("expected a connect")
-        };
-        id
+        // The session reports its choice of upstream before it asks to connect.
+        loop {
+            match l.next_action() {
+                Some(Action::Event(_)) => {}
+                Some(Action::Connect { id, .. }) => return id,
+                other => panic!("expected a connect, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use proxy_core::{Balancer, Config, Event, PeerInfo};
 
 use crate::dns::{DnsCache, Resolve, SystemResolver};
 use crate::pool::SharedPool;
+use crate::reload::{Reload, Reloader};
 use crate::runtime::{Runtime, Timer};
 use crate::shutdown::{race, Shutdown, Stats, TaskGuard};
 use crate::{drive, health, sys};
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     /// How often a name in use is looked up again in the background (nginx `resolver valid=`);
     /// zero looks it up on every connect. Default 30 s.
     pub dns_refresh: Duration,
+    /// Where reloads come from (a fresh handle nobody triggers by default).
+    pub reload: Reloader,
 }
 
 impl Default for ServeOptions {
@@ -54,6 +57,7 @@ impl Default for ServeOptions {
             stats: Arc::new(Stats::new()),
             resolver: Arc::new(SystemResolver),
             dns_refresh: Duration::from_secs(30),
+            reload: Reloader::new(),
         }
     }
 }
@@ -73,12 +77,40 @@ impl fmt::Debug for ServeOptions {
 /// is open now: the pool by its per-peer cap, the shutdown registry by the tasks waiting on it.
 pub(crate) struct Shared<R: Runtime> {
     pub(crate) rt: R,
-    pub(crate) config: Arc<Config>,
-    pub(crate) balancer: Arc<Balancer>,
+    /// What new connections get; replaced by a reload.
+    generation: RwLock<Arc<Generation>>,
     pub(crate) pool: SharedPool<R::Socket>,
     pub(crate) options: ServeOptions,
     pub(crate) shutdown: Shutdown,
     pub(crate) dns: Arc<DnsCache>,
+}
+
+/// One configuration a server has served, with the balancer state that goes with it. Sessions
+/// keep the generation they started with.
+pub(crate) struct Generation {
+    pub(crate) id: u64,
+    pub(crate) config: Arc<Config>,
+    pub(crate) balancer: Arc<Balancer>,
+}
+
+impl Generation {
+    fn new(id: u64, config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Generation {
+            id,
+            balancer: Arc::new(Balancer::new(&config, Instant::now())),
+            config,
+        })
+    }
+}
+
+impl<R: Runtime> Shared<R> {
+    /// The generation new connections get.
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        match self.generation.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
 }
 
 /// Extra time after the drain timeout before remaining connections are forced closed.
@@ -107,24 +139,18 @@ pub async fn serve<R: Runtime>(
 ) -> io::Result<()> {
     let registered = listeners
         .into_iter()
-        .map(|l| {
-            l.set_nonblocking(true)?;
-            // Sessions learn which listener accepted them: virtual hosts can be per listener.
-            let local = l.local_addr().ok();
-            Ok((rt.listener(l)?, local))
-        })
+        .map(|l| register(&rt, l))
         .collect::<io::Result<Vec<_>>>()?;
     let stats = Arc::clone(&options.stats);
     let drain_timeout = options.drain_timeout;
     let shared = Arc::new(Shared {
-        balancer: Arc::new(Balancer::new(&config, Instant::now())),
+        generation: RwLock::new(Generation::new(0, config)),
         pool: SharedPool::new(
             options.pool_idle_timeout,
             options.pool_max_per_peer,
             Arc::clone(&stats),
         ),
         rt: rt.clone(),
-        config,
         dns: Arc::new(DnsCache::new(
             Arc::clone(&options.resolver),
             options.dns_refresh,
@@ -132,34 +158,36 @@ pub async fn serve<R: Runtime>(
         options,
         shutdown: shutdown.clone(),
     });
+    let mut open = Vec::new();
     for (listener, local) in registered {
-        let (shared, guard) = (Arc::clone(&shared), stats.task());
-        rt.spawn(accept_loop(shared, listener, local, guard));
+        open.push(start_accepting(&shared, listener, local));
     }
     {
         let (shared, guard) = (Arc::clone(&shared), stats.task());
         rt.spawn(pool_reaper(shared, guard));
     }
-    for (gi, group) in shared.config.all_groups().enumerate() {
-        let Some(check) = &group.health else {
-            continue;
-        };
-        for (i, server) in group.servers.iter().enumerate() {
-            let Ok(index) = u16::try_from(i) else {
-                break;
-            };
-            rt.spawn(health::check_server(
-                Arc::clone(&shared),
-                gi,
-                index,
-                check.clone(),
-                server.peer.clone(),
-                stats.task(),
-            ));
+    start_health_checks(&shared, &shared.current());
+    let reloads = shared.options.reload.clone();
+    loop {
+        let reload = race(
+            async {
+                shutdown.triggered().await;
+                false
+            },
+            async {
+                reloads.requested().await;
+                true
+            },
+        )
+        .await;
+        if !reload {
+            break;
+        }
+        for r in reloads.take() {
+            apply(&shared, r, &mut open);
         }
     }
     drop(shared);
-    shutdown.triggered().await;
     let drained = race(
         async {
             stats.all_done().await;
@@ -189,12 +217,14 @@ async fn accept_loop<R: Runtime>(
     shared: Arc<Shared<R>>,
     listener: R::Listener,
     local: Option<SocketAddr>,
+    removed: Shutdown,
     _guard: TaskGuard,
 ) {
     let mut stopped = std::pin::pin!(shared.shutdown.triggered());
+    let mut removed = std::pin::pin!(removed.triggered());
     let mut backoff: Option<R::Timer> = None;
     poll_fn(|cx| {
-        if stopped.as_mut().poll(cx).is_ready() {
+        if stopped.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
         if let Some(timer) = backoff.as_mut() {
@@ -226,6 +256,92 @@ async fn accept_loop<R: Runtime>(
     })
     .await;
     // Dropping the listener here closes the port while connections drain.
+}
+
+/// Readies a bound listener for the runtime; sessions learn which listener accepted them
+/// (virtual hosts can be per listener).
+fn register<R: Runtime>(rt: &R, l: TcpListener) -> io::Result<(R::Listener, Option<SocketAddr>)> {
+    l.set_nonblocking(true)?;
+    let local = l.local_addr().ok();
+    Ok((rt.listener(l)?, local))
+}
+
+/// An accept loop for `listener`; the returned handle stops it.
+fn start_accepting<R: Runtime>(
+    shared: &Arc<Shared<R>>,
+    listener: R::Listener,
+    local: Option<SocketAddr>,
+) -> (Option<SocketAddr>, Shutdown) {
+    let stop = Shutdown::new();
+    let guard = shared.options.stats.task();
+    shared.rt.spawn(accept_loop(
+        Arc::clone(shared),
+        listener,
+        local,
+        stop.clone(),
+        guard,
+    ));
+    (local, stop)
+}
+
+/// One health-check task per checked server of `generation`; each ends when the server shuts
+/// down or a reload replaces the generation.
+fn start_health_checks<R: Runtime>(shared: &Arc<Shared<R>>, generation: &Arc<Generation>) {
+    for (gi, group) in generation.config.all_groups().enumerate() {
+        let Some(check) = &group.health else {
+            continue;
+        };
+        for (i, server) in group.servers.iter().enumerate() {
+            let Ok(index) = u16::try_from(i) else {
+                break;
+            };
+            shared.rt.spawn(health::check_server(
+                Arc::clone(shared),
+                Arc::clone(generation),
+                gi,
+                index,
+                check.clone(),
+                server.peer.clone(),
+                shared.options.stats.task(),
+            ));
+        }
+    }
+}
+
+/// Applies one reload: the new generation for connections accepted from now on, its health
+/// checks, and the listener changes. Names no longer configured leave the DNS cache.
+fn apply<R: Runtime>(
+    shared: &Arc<Shared<R>>,
+    reload: Reload,
+    open: &mut Vec<(Option<SocketAddr>, Shutdown)>,
+) {
+    let next = Generation::new(shared.current().id + 1, reload.config);
+    match shared.generation.write() {
+        Ok(mut g) => *g = Arc::clone(&next),
+        Err(poisoned) => *poisoned.into_inner() = Arc::clone(&next),
+    }
+    shared.dns.retain(|peer| {
+        next.config
+            .all_groups()
+            .any(|g| g.servers.iter().any(|s| s.peer == *peer))
+    });
+    start_health_checks(shared, &next);
+    for addr in reload.remove {
+        open.retain(|(local, stop)| {
+            let gone = *local == Some(addr);
+            if gone {
+                stop.trigger();
+            }
+            !gone
+        });
+    }
+    for listener in reload.add {
+        match register(&shared.rt, listener) {
+            Ok((l, local)) => open.push(start_accepting(shared, l, local)),
+            Err(e) => tracing::warn!(error = %e, "a listener added by a reload cannot be used"),
+        }
+    }
+    tracing::info!(generation = next.id, "configuration reloaded");
 }
 
 fn spawn_connection<R: Runtime>(
