@@ -222,6 +222,8 @@ pub fn render(info: &RunInfo, ms: &[Measurement]) -> String {
         (Target::SwitchyardSmol, Target::Haproxy),
         // What the frame-aware tunnel costs over the opaque one.
         (Target::SwitchyardFrames, Target::SwitchyardTokio),
+        // What the metrics cost.
+        (Target::SwitchyardMetrics, Target::SwitchyardTokio),
     ];
     let present = |t: Target| ms.iter().any(|m| m.target == t);
     let pairs: Vec<_> = pairs

@@ -38,6 +38,8 @@ pub enum Target {
     /// `switchyard --runtime tokio --workers 1` with the frame-aware WebSocket tunnel on
     /// (`--ws-max-message 1g --ws-ping-interval 1h`: every frame header read, no ping fires).
     SwitchyardFrames,
+    /// `switchyard --runtime tokio --workers 1 --metrics 127.0.0.1:0`: what counting costs.
+    SwitchyardMetrics,
     /// nginx, one process (`master_process off`).
     Nginx,
     /// HAProxy, one thread (`nbthread 1`, `-db`).
@@ -46,11 +48,12 @@ pub enum Target {
 
 impl Target {
     /// Every target, in report order.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Direct,
         Target::SwitchyardTokio,
         Target::SwitchyardSmol,
         Target::SwitchyardFrames,
+        Target::SwitchyardMetrics,
         Target::Nginx,
         Target::Haproxy,
     ];
@@ -62,6 +65,7 @@ impl Target {
             Target::SwitchyardTokio => "switchyard-tokio",
             Target::SwitchyardSmol => "switchyard-smol",
             Target::SwitchyardFrames => "switchyard-frames",
+            Target::SwitchyardMetrics => "switchyard-metrics",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
         }
@@ -457,7 +461,10 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
     let name = format!("{tag}-proxy");
     let (proxy, addr) = match target {
         Target::Direct => (None, backend_addr),
-        Target::SwitchyardTokio | Target::SwitchyardSmol | Target::SwitchyardFrames => {
+        Target::SwitchyardTokio
+        | Target::SwitchyardSmol
+        | Target::SwitchyardFrames
+        | Target::SwitchyardMetrics => {
             let runtime = if target == Target::SwitchyardSmol {
                 "smol"
             } else {
@@ -476,6 +483,9 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
                 ]);
             if target == Target::SwitchyardFrames {
                 cmd.args(["--ws-max-message", "1g", "--ws-ping-interval", "1h"]);
+            }
+            if target == Target::SwitchyardMetrics {
+                cmd.args(["--metrics", "127.0.0.1:0"]);
             }
             let mut p = Proc::spawn(env, &name, cmd, false)?;
             let addr = p.wait_for(READY, "listening", |_, err| parse_listening(err))?;
