@@ -416,6 +416,7 @@ pub(crate) fn serialise(
             || is_hop_or_framing(name)
             || named_by_connection
             || is_forwarding(name)
+            || (!trusted && is_client_claim(name))
             || ruled(name)
         {
             continue;
@@ -549,6 +550,14 @@ fn is_forwarding(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"x-forwarded-host")
 }
 
+/// Fields that claim who the client is. From a client that is not a trusted proxy they are lies
+/// a backend might believe, so they are dropped; from a trusted one they pass. (The proxy adds
+/// `X-Forwarded-*` itself; `Forwarded` and `X-Real-IP` only when configured, e.g.
+/// `set_headers = { X-Real-IP = "$remote_addr" }`.)
+fn is_client_claim(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"forwarded") || name.eq_ignore_ascii_case(b"x-real-ip")
+}
+
 fn loggable(v: &[u8]) -> String {
     String::from_utf8_lossy(&v[..v.len().min(MAX_LOGGED_FIELD)]).into_owned()
 }
@@ -560,6 +569,10 @@ fn split_target<'t>(
     target: &'t str,
 ) -> Result<(Option<&'t [u8]>, &'t [u8]), RequestError> {
     let t = target.as_bytes();
+    if t.contains(&b'#') {
+        // A fragment is the client's business and never valid on the wire (RFC 9112 §3.2).
+        return Err(RequestError::Malformed("fragment in request target"));
+    }
     if t.first() == Some(&b'/') {
         return Ok((None, t));
     }
@@ -831,6 +844,21 @@ mod tests {
         let r = run(&config(), "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
             .expect("leading empty lines are ignored");
         assert_eq!(r.request_line, "GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn forwarded_and_x_real_ip_pass_only_from_trusted_proxies() {
+        let head =
+            "GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.1.1.1\r\nX-Real-IP: 1.1.1.1\r\n\r\n";
+        let out = upstream(&config(), head);
+        assert!(!out.contains("\r\nForwarded:"), "{out}");
+        assert!(!out.contains("X-Real-IP"), "{out}");
+        let mut c = config();
+        c.trusted_proxies
+            .push(IpNet::parse("192.0.2.0/24").expect("net"));
+        let out = upstream(&c, head);
+        assert!(out.contains("Forwarded: for=1.1.1.1\r\n"), "{out}");
+        assert!(out.contains("X-Real-IP: 1.1.1.1\r\n"), "{out}");
     }
 
     #[test]

@@ -271,7 +271,11 @@ fn check_canonical_request_head(head: &[u8]) {
     assert!(te.iter().all(|v| v == b"chunked"), "{show:?}");
     let conn = field_values(head, "connection");
     let upgrade = field_values(head, "upgrade");
-    assert_eq!(conn.len(), upgrade.len(), "{show:?}");
+    assert_eq!(
+        conn.len(),
+        upgrade.len(),
+        "Connection only with Upgrade: {show:?}"
+    );
     assert!(conn.len() <= 1, "{show:?}");
     assert!(conn.iter().all(|v| v == b"upgrade"), "{show:?}");
 }
@@ -2248,7 +2252,7 @@ fn oracle_rejects_bare_lf_upstream() {
 }
 
 #[test]
-#[should_panic]
+#[should_panic(expected = "Connection only with Upgrade")]
 fn oracle_rejects_connection_without_upgrade() {
     check_canonical_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
 }

@@ -1050,12 +1050,14 @@ async fn tunnel_idle_timeout_closes_tunnel(rt: Runtime) {
         matches!(end, None | Some(Err(_))),
         "expected the tunnel to close, got {end:?}"
     );
+    // Only an upper bound, with ten times the slack: the proxy armed its timer when the tunnel
+    // opened, a moment before this client saw the 101, so a lower bound measured here could
+    // fail on a loaded machine. That the close is the idle timer's is asserted from the log.
     assert!(
-        elapsed >= Duration::from_millis(250),
-        "closed after {elapsed:?}, before the 300 ms idle timeout"
+        elapsed < Duration::from_secs(3),
+        "the 300 ms idle timeout took {elapsed:?}"
     );
-    let upstream_elapsed = join(server, "ws server").await;
-    assert!(upstream_elapsed >= Duration::from_millis(250));
+    join(server, "ws server").await;
     let events = wait_events(&proxy, 1).await;
     let e = &events[0];
     assert_eq!(e.status, Some(101), "{e:?}");
@@ -1077,7 +1079,6 @@ async fn tunnel_not_subject_to_http_read_timeout(rt: Runtime) {
     config.timeouts.tunnel_idle = Duration::from_secs(5);
     let proxy = start_proxy(rt, config);
     let mut ws = ws_client(&proxy, "/slow").await;
-    let started = Instant::now();
     for i in 0..5 {
         if i > 0 {
             // Pacing, not synchronisation: silence longer than the read timeout.
@@ -1087,7 +1088,6 @@ async fn tunnel_not_subject_to_http_read_timeout(rt: Runtime) {
         send(&mut ws, msg.clone()).await;
         assert_eq!(recv(&mut ws).await, msg, "echo {i}");
     }
-    assert!(started.elapsed() >= Duration::from_millis(1200));
     assert!(
         proxy.events.all().is_empty(),
         "nothing ended yet: {:?}",
