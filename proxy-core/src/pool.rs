@@ -90,6 +90,18 @@ impl<C> IdlePool<C> {
         before - self.len
     }
 
+    /// Keeps only the connections `keep` accepts (an adapter drops those whose upstream closed
+    /// or spoke while idle); returns how many went.
+    pub fn retain(&mut self, mut keep: impl FnMut(&C) -> bool) -> usize {
+        let before = self.len;
+        self.peers.retain(|_, list| {
+            list.retain(|(conn, _)| keep(conn));
+            !list.is_empty()
+        });
+        self.len = self.peers.values().map(VecDeque::len).sum();
+        before - self.len
+    }
+
     /// When the oldest held connection expires, for scheduling [`expire`](Self::expire).
     pub fn next_expiry(&self) -> Option<Instant> {
         self.peers
@@ -158,5 +170,19 @@ mod tests {
         assert!(pool.is_empty());
         let mut off = IdlePool::new(Duration::from_secs(10), 0);
         assert_eq!(off.put(&a, 5, t0), Some(5));
+    }
+
+    #[test]
+    fn retain_drops_what_the_probe_refuses() {
+        let now = Instant::now();
+        let mut pool = IdlePool::new(Duration::from_secs(60), 4);
+        let (a, b) = (Peer::new("a", 1), Peer::new("b", 1));
+        for (peer, c) in [(&a, 1), (&a, 2), (&b, 3)] {
+            assert!(pool.put(peer, c, now).is_none());
+        }
+        assert_eq!(pool.retain(|c| *c != 2 && *c != 3), 2);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.take(&a, now), Some(1));
+        assert_eq!(pool.take(&b, now), None);
     }
 }

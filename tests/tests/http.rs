@@ -34,6 +34,7 @@ runtime_tests! {
     malformed_request_gets_400,
     graceful_shutdown_finishes_in_flight_request,
     graceful_shutdown_closes_tunnel_at_drain_deadline,
+    a_pooled_connection_its_upstream_closes_is_dropped_at_once,
 }
 
 // ---- helpers ----
@@ -283,6 +284,64 @@ fn decode_chunked(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
 
 /// Three requests on one client connection get three responses, and the proxy reuses one
 /// upstream connection for all of them.
+/// An idle pooled upstream connection whose server closes it is closed by the proxy at once,
+/// as nginx does, not left in CLOSE_WAIT until the pool's idle timeout (60 s here) or its next
+/// use.
+async fn a_pooled_connection_its_upstream_closes_is_dropped_at_once(rt: Runtime) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let origin = listener.local_addr().expect("origin address");
+    let (close_tx, mut close_rx) = mpsc::channel::<()>(1);
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.expect("read request");
+            assert!(n > 0, "the proxy closed before its request");
+            head.extend_from_slice(&buf[..n]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .expect("respond");
+        // Keep the connection (pooled on the proxy's side) until told, then close it.
+        close_rx.recv().await;
+        drop(stream);
+    });
+    let opts = ProxyOptions {
+        pool_idle_timeout: Duration::from_secs(60),
+        ..ProxyOptions::default()
+    };
+    let proxy = start_proxy_with(rt, config_for(&[origin]), opts);
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await;
+    let resp = client.response(false).await;
+    assert!(
+        show(&resp.raw).ends_with("\r\n\r\nok"),
+        "{}",
+        show(&resp.raw)
+    );
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    until("the upstream connection is pooled", &|| {
+        proxy.stats.pooled() == 1
+    });
+    close_tx.send(()).await.expect("tell the origin to close");
+    server.await.expect("origin task");
+    until("the closed pooled connection is dropped", &|| {
+        proxy.stats.pooled() == 0
+    });
+    drop(client);
+    proxy.stop();
+}
+
 async fn keep_alive_reuses_one_upstream_connection(rt: Runtime) {
     let origin = http_origin(responder(|req| Some(ok(&path_of(req))))).await;
     let proxy = start_proxy(rt, config_for(&[origin.addr]));

@@ -69,6 +69,36 @@ impl<S> SharedPool<S> {
         found
     }
 
+    /// Registers `cx` for readability of every pooled connection and drops those that are
+    /// readable and fail `alive`: an idle upstream connection has nothing to say, so a FIN (or
+    /// any byte) means it is finished, and it is closed at once rather than left in CLOSE_WAIT
+    /// until the idle timeout or its next check-out.
+    pub(crate) fn watch(&self, cx: &mut std::task::Context<'_>, alive: impl Fn(&S) -> bool) -> usize
+    where
+        S: crate::runtime::Socket,
+    {
+        let Ok(mut pool) = self.pool.lock() else {
+            return 0;
+        };
+        let mut spurious = false;
+        let dropped = pool.retain(|socket| {
+            if socket.poll_read_ready(cx).is_pending() {
+                return true;
+            }
+            let keep = alive(socket);
+            // Readiness without anything to read (now cleared): poll again to re-register.
+            spurious |= keep;
+            keep
+        });
+        if dropped > 0 {
+            self.stats.set_pooled(pool.len());
+        }
+        if spurious {
+            cx.waker().wake_by_ref();
+        }
+        dropped
+    }
+
     /// Closes connections idle for longer than the timeout.
     pub(crate) fn expire(&self, now: Instant) {
         if let Ok(mut pool) = self.pool.lock() {

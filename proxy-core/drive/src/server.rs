@@ -362,24 +362,36 @@ fn spawn_connection<R: Runtime>(
 
 /// Closes pooled connections that outlived the pool's idle timeout, so their sockets do not
 /// linger until someone asks for them; at shutdown, closes them all.
+/// How often newly pooled connections are registered with the watch (those already
+/// registered are noticed the moment their upstream closes): a release does not wake the
+/// watcher, which would cost a task wake-up per request.
+const POOL_WATCH_EVERY: Duration = Duration::from_secs(1);
+
 async fn pool_reaper<R: Runtime>(shared: Arc<Shared<R>>, _guard: TaskGuard) {
-    let period = (shared.options.pool_idle_timeout / 2).max(Duration::from_millis(100));
-    loop {
-        let stop = race(
-            async {
-                shared.shutdown.triggered().await;
-                true
-            },
-            async {
-                sleep(&shared.rt, Instant::now() + period).await;
-                false
-            },
-        );
-        if stop.await {
-            break;
+    let period =
+        (shared.options.pool_idle_timeout / 2).clamp(Duration::from_millis(100), POOL_WATCH_EVERY);
+    let mut stopped = std::pin::pin!(shared.shutdown.triggered());
+    let mut timer = shared.rt.timer();
+    timer.reset(Instant::now() + period);
+    poll_fn(|cx| {
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
         }
-        shared.pool.expire(Instant::now());
-    }
+        while timer.poll_fired(cx).is_ready() {
+            shared.pool.expire(Instant::now());
+            timer.reset(Instant::now() + period);
+        }
+        // Idle connections the upstream closed (or spoke on) go at once.
+        let dropped = shared.pool.watch(cx, sys::idle_and_open);
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                "closed pooled upstream connections their server ended"
+            );
+        }
+        Poll::Pending
+    })
+    .await;
     shared.pool.close_all();
 }
 
