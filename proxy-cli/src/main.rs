@@ -133,6 +133,13 @@ struct RunArgs {
     /// tunnel on) [default: none].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     ws_max_message: Option<u64>,
+    /// Most client connections open at once (nginx worker_connections); more are closed at
+    /// accept and counted [default: no limit].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Most client connections open at once from one client address [default: no limit].
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics (a listener of their own) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -263,6 +270,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ws_ping_interval: a.ws_ping_interval,
                 ws_ping_timeout: a.ws_ping_timeout,
                 ws_max_message: a.ws_max_message,
+                max_connections: a.max_connections,
+                max_connections_per_ip: a.max_connections_per_ip,
                 drain_timeout: a.drain_timeout,
                 workers: a.workers,
                 runtime: a.runtime,
@@ -309,6 +318,8 @@ fn serve(
     options.pool_idle_timeout = settings.pool_idle_timeout;
     options.pool_max_per_peer = settings.pool_max_idle;
     options.dns_refresh = settings.dns_refresh;
+    options.max_connections = settings.max_connections;
+    options.max_connections_per_ip = settings.max_connections_per_ip;
     options.events = observe::sink(access, metrics.clone());
     warn_unresolved(&settings.config);
     let addrs: Vec<String> = listeners
@@ -458,6 +469,11 @@ mod reload {
         }
         if old.drain_timeout != new.drain_timeout {
             v.push("drain_timeout");
+        }
+        if old.max_connections != new.max_connections
+            || old.max_connections_per_ip != new.max_connections_per_ip
+        {
+            v.push("the connection limits");
         }
         if old.pool_idle_timeout != new.pool_idle_timeout
             || old.pool_max_idle != new.pool_max_idle

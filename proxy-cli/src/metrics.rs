@@ -172,6 +172,12 @@ impl Metrics {
             stats.accepted().to_string(),
         );
         one(
+            "switchyard_connections_refused_total",
+            "counter",
+            "Client connections closed at accept: a connection limit was reached.",
+            stats.refused().to_string(),
+        );
+        one(
             "switchyard_connections_open",
             "gauge",
             "Client connections open now.",

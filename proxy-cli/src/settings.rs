@@ -41,6 +41,8 @@ pub struct Overrides {
     pub ws_ping_interval: Option<Duration>,
     pub ws_ping_timeout: Option<Duration>,
     pub ws_max_message: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
     pub drain_timeout: Option<Duration>,
     pub workers: Option<usize>,
     pub runtime: Option<RuntimeKind>,
@@ -59,6 +61,10 @@ pub struct Settings {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     pub dns_refresh: Duration,
+    /// Most client connections open at once, 0 for no limit.
+    pub max_connections: usize,
+    /// Most client connections open at once from one address, 0 for no limit.
+    pub max_connections_per_ip: usize,
 }
 
 /// A configuration error, ready to print.
@@ -77,6 +83,8 @@ struct File {
     runtime: Option<RuntimeKind>,
     access_log: Option<String>,
     drain_timeout: Option<Dur>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     upstream: Option<UpstreamSection>,
     timeouts: Option<TimeoutsSection>,
     limits: Option<LimitsSection>,
@@ -571,6 +579,8 @@ impl Settings {
             runtime: Some(self.runtime),
             access_log: Some(self.access_log.describe()),
             drain_timeout: Some(Dur(self.drain_timeout)),
+            max_connections: Some(self.max_connections),
+            max_connections_per_ip: Some(self.max_connections_per_ip),
             upstream: Some(upstream),
             timeouts: Some(TimeoutsSection {
                 connect: Some(Dur(t.connect)),
@@ -944,6 +954,11 @@ fn build(
         return Err(at("workers", "workers: at least 1".to_owned()));
     }
     Ok(Settings {
+        max_connections: flags.max_connections.or(file.max_connections).unwrap_or(0),
+        max_connections_per_ip: flags
+            .max_connections_per_ip
+            .or(file.max_connections_per_ip)
+            .unwrap_or(0),
         listen,
         config,
         workers,

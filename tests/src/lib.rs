@@ -178,6 +178,10 @@ pub struct ProxyOptions {
     pub resolver: Option<Arc<dyn proxy_tokio::Resolve>>,
     /// How often names in use are looked up again.
     pub dns_refresh: Duration,
+    /// Most client connections open at once; 0 for no limit.
+    pub max_connections: usize,
+    /// Most client connections open at once from one address; 0 for no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl std::fmt::Debug for ProxyOptions {
@@ -200,6 +204,8 @@ impl Default for ProxyOptions {
             record_events: true,
             resolver: None,
             dns_refresh: Duration::from_secs(30),
+            max_connections: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -222,6 +228,8 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     options.pool_idle_timeout = opts.pool_idle_timeout;
     options.pool_max_per_peer = opts.pool_max_per_peer;
     options.dns_refresh = opts.dns_refresh;
+    options.max_connections = opts.max_connections;
+    options.max_connections_per_ip = opts.max_connections_per_ip;
     if let Some(resolver) = opts.resolver.clone() {
         options.resolver = resolver;
     }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use switchyard_tests::{config_for, runtime_tests, start_proxy, Runtime, WAIT};
+use switchyard_tests::{
+    config_for, runtime_tests, start_proxy, start_proxy_with, ProxyOptions, Runtime, WAIT,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{accept_async, connect_async, MaybeTlsStream, WebSocketStream};
@@ -15,6 +17,7 @@ use tokio_tungstenite::{accept_async, connect_async, MaybeTlsStream, WebSocketSt
 runtime_tests! {
     reload_switches_new_connections_and_keeps_open_tunnels,
     reload_opens_and_closes_listeners,
+    connection_limits_refuse_at_accept_and_recover,
 }
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -133,4 +136,63 @@ async fn reload_opens_and_closes_listeners(rt: Runtime) {
     tokio::task::spawn_blocking(move || proxy.stop())
         .await
         .expect("stop the proxy");
+}
+
+/// Reads from a fresh connection: true if the proxy closed it without a byte (a refusal).
+async fn refused(addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return true;
+    };
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(WAIT, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// Waits (bounded) until `done`.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} within WAIT");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `max_connections` and `max_connections_per_ip` (every test client is 127.0.0.1): a
+/// connection over a limit is closed at accept and counted, and a slot that frees up admits
+/// the next one.
+async fn connection_limits_refuse_at_accept_and_recover(rt: Runtime) {
+    let a = tagged_echo("A").await;
+    for (total, per_ip) in [(2, 0), (0, 2)] {
+        let opts = ProxyOptions {
+            max_connections: total,
+            max_connections_per_ip: per_ip,
+            ..ProxyOptions::default()
+        };
+        let proxy = start_proxy_with(rt, config_for(&[a]), opts);
+        let mut first = client(proxy.addr).await;
+        let mut second = client(proxy.addr).await;
+        assert_eq!(ask(&mut first, "1").await, "A:1");
+        assert_eq!(ask(&mut second, "2").await, "A:2");
+        assert!(refused(proxy.addr).await, "a third connection is refused");
+        assert_eq!(proxy.stats.refused(), 1);
+        // The open tunnels are untouched.
+        assert_eq!(ask(&mut first, "3").await, "A:3");
+        let _ = first.close(None).await;
+        drop(first);
+        until("the first connection closed", || {
+            proxy.stats.connections() == 1
+        })
+        .await;
+        let mut third = client(proxy.addr).await;
+        assert_eq!(ask(&mut third, "4").await, "A:4");
+        let _ = second.close(None).await;
+        let _ = third.close(None).await;
+        drop((second, third));
+        tokio::task::spawn_blocking(move || proxy.stop())
+            .await
+            .expect("stop the proxy");
+    }
 }

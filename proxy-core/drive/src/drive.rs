@@ -30,6 +30,7 @@ use std::time::Instant;
 use proxy_core::{ConnectError, Peer, PeerInfo, Session, Side, UpstreamId};
 
 use crate::dns::Lookup;
+use crate::limits::Admitted;
 use crate::link::{Action, Link};
 use crate::runtime::{BoxFuture, Runtime, Socket, Timer};
 use crate::server::Shared;
@@ -53,6 +54,7 @@ pub(crate) async fn run<R: Runtime>(
     socket: R::Socket,
     client: PeerInfo,
     guard: TaskGuard,
+    _admitted: Admitted,
 ) {
     let generation = shared.current();
     let session = Session::new(

@@ -33,6 +33,7 @@
 mod dns;
 mod drive;
 mod health;
+mod limits;
 mod link;
 mod pool;
 mod reload;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use proxy_core::{Balancer, Config, Event, PeerInfo};
 
 use crate::dns::{DnsCache, Resolve, SystemResolver};
+use crate::limits::Admission;
 use crate::pool::SharedPool;
 use crate::reload::{Reload, Reloader};
 use crate::runtime::{Runtime, Timer};
@@ -45,6 +46,11 @@ pub struct ServeOptions {
     pub dns_refresh: Duration,
     /// Where reloads come from (a fresh handle nobody triggers by default).
     pub reload: Reloader,
+    /// Most client connections open at once (nginx `worker_connections`); 0 for no limit.
+    /// Over it, a new connection is closed at accept and counted in [`Stats::refused`].
+    pub max_connections: usize,
+    /// Most client connections open at once from one address; 0 for no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ServeOptions {
@@ -58,6 +64,8 @@ impl Default for ServeOptions {
             resolver: Arc::new(SystemResolver),
             dns_refresh: Duration::from_secs(30),
             reload: Reloader::new(),
+            max_connections: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -79,6 +87,7 @@ pub(crate) struct Shared<R: Runtime> {
     pub(crate) rt: R,
     /// What new connections get; replaced by a reload.
     generation: RwLock<Arc<Generation>>,
+    admission: Arc<Admission>,
     pub(crate) pool: SharedPool<R::Socket>,
     pub(crate) options: ServeOptions,
     pub(crate) shutdown: Shutdown,
@@ -145,6 +154,7 @@ pub async fn serve<R: Runtime>(
     let drain_timeout = options.drain_timeout;
     let shared = Arc::new(Shared {
         generation: RwLock::new(Generation::new(0, config)),
+        admission: Admission::new(options.max_connections, options.max_connections_per_ip),
         pool: SharedPool::new(
             options.pool_idle_timeout,
             options.pool_max_per_peer,
@@ -350,13 +360,20 @@ fn spawn_connection<R: Runtime>(
     addr: SocketAddr,
     local: Option<SocketAddr>,
 ) {
+    let stats = &shared.options.stats;
+    let Some(admitted) = shared.admission.admit(addr.ip(), stats.connections()) else {
+        // Closed before anything is read: the cheapest refusal there is.
+        stats.count_refused();
+        drop(socket);
+        return;
+    };
     sys::configure(&socket);
-    let guard = shared.options.stats.connection();
+    let guard = stats.connection();
     let mut client = PeerInfo::new(addr);
     if let Some(local) = local {
         client = client.with_local(local);
     }
-    let task = drive::run(Arc::clone(shared), socket, client, guard);
+    let task = drive::run(Arc::clone(shared), socket, client, guard, admitted);
     shared.rt.spawn(task);
 }
 

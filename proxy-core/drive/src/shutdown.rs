@@ -187,6 +187,7 @@ pub struct Stats {
     accepted: AtomicU64,
     pool_hits: AtomicU64,
     pool_misses: AtomicU64,
+    refused: AtomicU64,
     zero: Event,
 }
 
@@ -229,6 +230,15 @@ impl Stats {
     /// Upstream connects that could have used the pool but found nothing idle there.
     pub fn pool_misses(&self) -> u64 {
         self.pool_misses.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at accept because a connection limit was reached.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_pool(&self, hit: bool) {
