@@ -1,5 +1,6 @@
-//! Clients that misbehave slowly, on every runtime: a slowloris crowd trickling request heads
-//! does not keep anyone else waiting, and each of them is answered 408 at its deadline.
+//! Peers that misbehave slowly, on every runtime: a slowloris crowd trickling request heads
+//! does not keep anyone else waiting, and each of them is answered 408 at its deadline; a
+//! reader that stops reading stops the writer on the far side.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio::net::TcpStream;
 
 runtime_tests! {
     slowloris_is_cut_off_and_starves_no_one,
+    backpressure_stops_the_writer_both_ways,
 }
 
 /// One slow client: the head one byte at a time, every 50 ms (a complete head would take 2 s),
@@ -85,6 +87,123 @@ async fn slowloris_is_cut_off_and_starves_no_one(rt: Runtime) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    tokio::task::spawn_blocking(move || proxy.stop())
+        .await
+        .expect("stop the proxy");
+}
+
+/// Writes `chunk` to `s` until a write makes no progress for `stall` (the peer stopped
+/// taking bytes, all the way back); returns how many bytes got through.
+async fn push_until_stalled(s: &mut TcpStream, stall: Duration, limit: u64) -> u64 {
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut total = 0u64;
+    while total < limit {
+        // `write`, not `write_all`: a write cut off by the timeout must not have sent bytes
+        // this count does not know about.
+        match tokio::time::timeout(stall, s.write(&chunk)).await {
+            Ok(Ok(n)) => total += n as u64,
+            Ok(Err(e)) => panic!("write failed after {total} bytes: {e}"),
+            Err(_) => break,
+        }
+    }
+    total
+}
+
+/// Backpressure, both ways: a reader that stops reading stops the writer on the far side once
+/// the proxy's bounded queue and the kernels' socket buffers are full — the proxy does not
+/// buffer what it cannot deliver. Measured by what the writer got through (something the test
+/// owns), not by process RSS: at most 32 MiB of a 1 GiB push.
+async fn backpressure_stops_the_writer_both_ways(rt: Runtime) {
+    const BOUND: u64 = 32 * 1024 * 1024;
+    const PUSH: u64 = 1024 * 1024 * 1024;
+    // A raw upstream: it answers the upgrade with a genuine 101, then writes until stalled.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = listener.local_addr().expect("address");
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.expect("read head");
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key")
+            .trim()
+            .to_owned();
+        let accept = proxy_core::websocket_accept(key.as_bytes());
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            String::from_utf8_lossy(&accept)
+        );
+        s.write_all(reply.as_bytes()).await.expect("101");
+        // Upstream to client: the client reads nothing yet.
+        let through = push_until_stalled(&mut s, Duration::from_secs(1), PUSH).await;
+        (s, through)
+    });
+    let proxy = start_proxy(rt, config_for(&[upstream_addr]));
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    client
+        .write_all(
+            b"GET /bp HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("upgrade request");
+    let (mut up, down_through) = upstream.await.expect("upstream task");
+    assert!(
+        down_through < BOUND,
+        "the upstream pushed {down_through} bytes at a client that reads nothing"
+    );
+    // Client to upstream, with the upstream not reading.
+    let up_through = push_until_stalled(&mut client, Duration::from_secs(1), PUSH).await;
+    assert!(
+        up_through < BOUND,
+        "the client pushed {up_through} bytes at an upstream that reads nothing"
+    );
+    // Nothing was lost: the client now reads everything the upstream sent (after the 101).
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        let mut head_done = false;
+        let mut pending = Vec::new();
+        while got < down_through {
+            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
+                .await
+                .expect("data within WAIT")
+                .expect("read");
+            assert!(n > 0, "closed after {got} bytes");
+            if head_done {
+                got += n as u64;
+            } else {
+                pending.extend_from_slice(&buf[..n]);
+                if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head_done = true;
+                    got += (pending.len() - i - 4) as u64;
+                }
+            }
+        }
+        got
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < up_through {
+        let n = tokio::time::timeout(WAIT, up.read(&mut buf))
+            .await
+            .expect("data within WAIT")
+            .expect("read");
+        assert!(n > 0, "closed after {got} bytes");
+        got += n as u64;
+    }
+    assert_eq!(got, up_through);
+    assert_eq!(reader.await.expect("reader"), down_through);
+    drop(up);
     tokio::task::spawn_blocking(move || proxy.stop())
         .await
         .expect("stop the proxy");
