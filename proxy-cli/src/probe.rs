@@ -366,7 +366,7 @@ fn ping_pong(
     ping.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     let sent = Instant::now();
     if let Err(e) = stream.write_all(&ping) {
-        return Outcome::NoFrames(format!("the connection failed right after the 101: {e}"));
+        return closed_after_switch(&e);
     }
     let deadline = sent + timeout;
     let mut chunk = [0u8; 4096];
@@ -455,8 +455,21 @@ fn ping_pong(
                     "no Pong within {timeout:?} after the 101: frames do not come back"
                 ))
             }
-            Err(e) => return Outcome::NoFrames(format!("reading after the 101 failed: {e}")),
+            Err(e) => return closed_after_switch(&e),
         }
+    }
+}
+
+/// A read or write after the 101 failed: a reset or broken pipe is the server closing (with
+/// unread bytes, the kernel sends RST rather than FIN), anything else is reported as it is.
+fn closed_after_switch(e: &std::io::Error) -> Outcome {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::ConnectionAborted => Outcome::NoFrames(
+            "the connection closed right after the 101, before any frame".to_owned(),
+        ),
+        _ => Outcome::NoFrames(format!("the connection failed after the 101: {e}")),
     }
 }
 
