@@ -240,14 +240,7 @@ fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>), Failure> {
         match stream.read(&mut chunk) {
             Ok(0) => return Err(Failure::Closed),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(Failure::Timeout)
-            }
+            Err(e) if timed_out(&e) => return Err(Failure::Timeout),
             Err(e) => return Err(Failure::Other(format!("reading the answer failed: {e}"))),
         }
     }
@@ -445,12 +438,7 @@ fn ping_pong(
                 )
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 return Outcome::Timeout(format!(
                     "no Pong within {timeout:?} after the 101: frames do not come back"
                 ))
@@ -471,6 +459,14 @@ fn closed_after_switch(e: &std::io::Error) -> Outcome {
         ),
         _ => Outcome::NoFrames(format!("the connection failed after the 101: {e}")),
     }
+}
+
+/// A blocking read that hit its timeout (reported as either kind, depending on the OS).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// A fresh 16-byte `Sec-WebSocket-Key`, base64: unique per run (clock and process id), so a

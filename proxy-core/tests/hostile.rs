@@ -31,6 +31,23 @@ fn req(head: &str) -> String {
     head.replace('|', "\r\n")
 }
 
+/// Fails with every case that did not come out as the table says, not just the first.
+fn all_pass<'a>(results: impl Iterator<Item = (&'a str, Result<(), String>)>) {
+    let (mut total, mut failures) = (0, Vec::new());
+    for (name, result) in results {
+        total += 1;
+        if let Err(e) = result {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Checks one input; the error says what differs.
 fn run_request(input: &[u8], want: Want) -> Result<(), String> {
     let mut sim = Sim::default_config();
@@ -200,20 +217,10 @@ fn hostile_requests() {
         ("pipelined second request is held", req("GET /1 HTTP/1.1|Host: a||GET /2 HTTP/1.1|Host: a||"), Forwarded { must: &["GET /1 HTTP/1.1"], never: &["GET /2"] }),
     ];
     assert!(cases.len() >= 60, "{} request cases", cases.len());
-    let failures: Vec<String> = cases
-        .iter()
-        .filter_map(|(name, input, want)| {
-            run_request(input.as_bytes(), *want)
-                .err()
-                .map(|e| format!("{name}: {e}"))
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {}:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
+    all_pass(
+        cases
+            .iter()
+            .map(|(name, input, want)| (*name, run_request(input.as_bytes(), *want))),
     );
 }
 
@@ -267,20 +274,10 @@ fn hostile_responses() {
         ("101 switching to another protocol", r(&format!("HTTP/1.1 101 Switching Protocols|Set-Cookie: leaked|Upgrade: h2c|Connection: Upgrade|Sec-WebSocket-Accept: {good_accept}||")), true),
         ("closed before a response", String::new(), false),
     ];
-    let failures: Vec<String> = cases
-        .iter()
-        .filter_map(|(name, response, upgrade)| {
-            run_response(response.as_bytes(), *upgrade)
-                .err()
-                .map(|e| format!("{name}: {e}"))
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {}:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
+    all_pass(
+        cases
+            .iter()
+            .map(|(name, response, upgrade)| (*name, run_response(response.as_bytes(), *upgrade))),
     );
     // A genuine 101 still works, for contrast.
     let mut sim = Sim::default_config();

@@ -1227,6 +1227,17 @@ async fn recording_server() -> (SocketAddr, JoinHandle<Vec<Message>>) {
     .await
 }
 
+/// Reads a client's stream to its end; returns the code of the Close it received, if any.
+async fn read_to_close(ws: &mut Client) -> Option<u16> {
+    let mut code = None;
+    while let Some(Ok(msg)) = next_msg(ws).await {
+        if let Message::Close(Some(f)) = msg {
+            code = Some(u16::from(f.code));
+        }
+    }
+    code
+}
+
 /// The close code of the last Close among `msgs`.
 fn close_code_of(msgs: &[Message]) -> Option<u16> {
     msgs.iter().rev().find_map(|m| match m {
@@ -1321,12 +1332,7 @@ async fn frame_aware_drain_sends_going_away_to_both(rt: Runtime) {
     let proxy = start_proxy(rt, config);
     let mut ws = ws_client(&proxy, "/drain").await;
     proxy.shutdown();
-    let mut client_code = None;
-    while let Some(Ok(msg)) = next_msg(&mut ws).await {
-        if let Message::Close(Some(f)) = msg {
-            client_code = Some(u16::from(f.code));
-        }
-    }
+    let client_code = read_to_close(&mut ws).await;
     assert_eq!(client_code, Some(1001));
     let upstream_saw = join(server, "ws server").await;
     assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
@@ -1344,12 +1350,7 @@ async fn frame_aware_hard_stop_still_says_going_away(rt: Runtime) {
     let mut ws = ws_client(&proxy, "/hard").await;
     send(&mut ws, Message::Text("hello".into())).await;
     proxy.force();
-    let mut client_code = None;
-    while let Some(Ok(msg)) = next_msg(&mut ws).await {
-        if let Message::Close(Some(f)) = msg {
-            client_code = Some(u16::from(f.code));
-        }
-    }
+    let client_code = read_to_close(&mut ws).await;
     assert_eq!(client_code, Some(1001));
     let upstream_saw = join(server, "ws server").await;
     assert_eq!(close_code_of(&upstream_saw), Some(1001), "{upstream_saw:?}");
@@ -1368,12 +1369,7 @@ async fn frame_aware_oversized_message_gets_1009(rt: Runtime) {
     let mut ws = ws_client(&proxy, "/big").await;
     send(&mut ws, Message::Binary(binary_payload(900, 1))).await;
     send(&mut ws, Message::Binary(binary_payload(2000, 2))).await;
-    let mut client_code = None;
-    while let Some(Ok(msg)) = next_msg(&mut ws).await {
-        if let Message::Close(Some(f)) = msg {
-            client_code = Some(u16::from(f.code));
-        }
-    }
+    let client_code = read_to_close(&mut ws).await;
     assert_eq!(client_code, Some(1009));
     let upstream_saw = join(server, "ws server").await;
     let sizes: Vec<usize> = upstream_saw
