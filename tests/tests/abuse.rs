@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 runtime_tests! {
     slowloris_is_cut_off_and_starves_no_one,
     backpressure_stops_the_writer_both_ways,
+    faults_at_every_stage_are_contained,
 }
 
 /// One slow client: the head one byte at a time, every 50 ms (a complete head would take 2 s),
@@ -207,4 +208,197 @@ async fn backpressure_stops_the_writer_both_ways(rt: Runtime) {
     tokio::task::spawn_blocking(move || proxy.stop())
         .await
         .expect("stop the proxy");
+}
+
+/// Closes `s` with a reset (SO_LINGER 0), as a crashed peer does.
+fn reset(s: TcpStream) {
+    let std = s.into_std().expect("a std stream");
+    let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
+    drop(std);
+}
+
+/// Reads a request head from `s`.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("a head within WAIT")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+async fn send(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.expect("write");
+}
+
+/// The 101 for a request head with the RFC 6455 sample key.
+fn switch_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap_or("")
+        .trim();
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        String::from_utf8_lossy(&proxy_core::websocket_accept(key.as_bytes()))
+    )
+}
+
+const UPGRADE: &str = "GET /t HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// What the upstream does once it has the request.
+#[derive(Clone, Copy, Debug)]
+enum UpstreamFault {
+    ResetInHead,
+    ClosedMidBodyLength,
+    ClosedMidBodyChunked,
+    ResetRightAfter101,
+    ResetMidTunnel,
+    NeverAnswers,
+}
+
+/// A fault at every stage: each gets its answer or close and a logged reason, leaves no
+/// connection or task behind, and the proxy goes on serving.
+async fn faults_at_every_stage_are_contained(rt: Runtime) {
+    use proxy_core::CloseReason;
+    use UpstreamFault::*;
+    let cases: [(UpstreamFault, &str, &str); 6] = [
+        (
+            ResetInHead,
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 502 ",
+        ),
+        (
+            ClosedMidBodyLength,
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 200 ",
+        ),
+        (
+            ClosedMidBodyChunked,
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 200 ",
+        ),
+        (ResetRightAfter101, UPGRADE, "HTTP/1.1 101 "),
+        (ResetMidTunnel, UPGRADE, "HTTP/1.1 101 "),
+        (
+            NeverAnswers,
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 504 ",
+        ),
+    ];
+    for (fault, request, answer) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let head = read_head(&mut s).await;
+            match fault {
+                ResetInHead => {
+                    send(&mut s, b"HTTP/1.1 200 OK\r\nContent-").await;
+                    reset(s);
+                }
+                ClosedMidBodyLength => {
+                    send(&mut s, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc").await;
+                }
+                ClosedMidBodyChunked => {
+                    send(
+                        &mut s,
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+                    )
+                    .await;
+                }
+                ResetRightAfter101 => {
+                    send(&mut s, switch_for(&head).as_bytes()).await;
+                    reset(s);
+                }
+                ResetMidTunnel => {
+                    send(&mut s, switch_for(&head).as_bytes()).await;
+                    send(&mut s, b"\x82\x03abc").await;
+                    reset(s);
+                }
+                NeverAnswers => {
+                    // Holds the connection, silent, until the proxy gives up on it.
+                    let mut buf = [0u8; 64];
+                    let _ = tokio::time::timeout(WAIT, s.read(&mut buf)).await;
+                }
+            }
+        });
+        let mut config = config_for(&[addr]);
+        config.timeouts.read = Duration::from_millis(300);
+        let proxy = start_proxy(rt, config);
+        let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+        client.write_all(request.as_bytes()).await.expect("request");
+        let mut got = Vec::new();
+        // The proxy ends the client connection in every case (the tunnel ones once the
+        // upstream is gone and the client, which has nothing to say, closes too).
+        let read = tokio::time::timeout(WAIT, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{fault:?}: the client connection did not end");
+        let text = String::from_utf8_lossy(&got).into_owned();
+        // A response (or tunnel) that breaks after it started can only be cut off; what was
+        // relayed may or may not have been written out before the close, depending on whether
+        // the fault came in the same read.
+        let cut_off = !matches!(fault, ResetInHead | NeverAnswers);
+        assert!(
+            text.starts_with(answer) || (cut_off && text.is_empty()),
+            "{fault:?}: {text:?}"
+        );
+        drop(client);
+        upstream.await.expect("upstream task");
+        let events = {
+            let events = Arc::clone(&proxy.events);
+            tokio::task::spawn_blocking(move || events.wait_for(1))
+                .await
+                .expect("events")
+        };
+        let close = events[0].close.clone();
+        let expected = match fault {
+            ResetInHead | ResetRightAfter101 | ResetMidTunnel => {
+                matches!(
+                    close,
+                    Some(
+                        CloseReason::UpstreamReset
+                            | CloseReason::UpstreamClosed
+                            | CloseReason::BadResponse(_)
+                    )
+                )
+            }
+            ClosedMidBodyLength | ClosedMidBodyChunked => {
+                matches!(close, Some(CloseReason::UpstreamClosed))
+            }
+            NeverAnswers => matches!(close, Some(CloseReason::Timeout(_))),
+        };
+        assert!(expected, "{fault:?}: logged {close:?}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while proxy.stats.connections() != 0 || proxy.stats.tasks() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{fault:?}: {} connections and {} tasks left",
+                proxy.stats.connections(),
+                proxy.stats.tasks()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::task::spawn_blocking(move || proxy.stop())
+            .await
+            .expect("stop the proxy");
+    }
 }
