@@ -15,6 +15,7 @@ runtime_tests! {
     slowloris_is_cut_off_and_starves_no_one,
     backpressure_stops_the_writer_both_ways,
     faults_at_every_stage_are_contained,
+    client_resets_are_contained,
 }
 
 /// One slow client: the head one byte at a time, every 50 ms (a complete head would take 2 s),
@@ -394,6 +395,104 @@ async fn faults_at_every_stage_are_contained(rt: Runtime) {
                 "{fault:?}: {} connections and {} tasks left",
                 proxy.stats.connections(),
                 proxy.stats.tasks()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::task::spawn_blocking(move || proxy.stop())
+            .await
+            .expect("stop the proxy");
+    }
+}
+
+/// Client resets in the request body, in the response and in a tunnel: each is logged as a
+/// client reset, the upstream connection is closed (never pooled half-used), and nothing is
+/// left behind.
+async fn client_resets_are_contained(rt: Runtime) {
+    use proxy_core::CloseReason;
+    for stage in ["request body", "response", "tunnel"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (got_head, head_arrived) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let head = read_head(&mut s).await;
+            let _ = got_head.send(());
+            if head.starts_with("GET /t ") {
+                send(&mut s, switch_for(&head).as_bytes()).await;
+            } else if head.starts_with("GET ") {
+                send(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n",
+                )
+                .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                // Until the proxy drops this connection after the client's reset.
+                while s.write_all(&chunk).await.is_ok() {}
+                return;
+            }
+            // Wait for the proxy to close this side after the client's reset.
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n)) = tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let proxy = start_proxy(rt, config_for(&[addr]));
+        let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+        match stage {
+            "request body" => {
+                send(
+                    &mut client,
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789",
+                )
+                .await;
+            }
+            "response" => {
+                send(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+                let mut buf = [0u8; 1024];
+                let n = client.read(&mut buf).await.expect("the response starts");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{stage}");
+            }
+            _ => {
+                send(&mut client, UPGRADE.as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                let n = client.read(&mut buf).await.expect("the 101");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 101 "), "{stage}");
+            }
+        }
+        // The reset comes once the request reached the upstream (an exchange is under way).
+        tokio::time::timeout(WAIT, head_arrived)
+            .await
+            .expect("the head reached the upstream")
+            .expect("the upstream task");
+        reset(client);
+        let events = {
+            let events = Arc::clone(&proxy.events);
+            tokio::task::spawn_blocking(move || events.wait_for(1))
+                .await
+                .expect("events")
+        };
+        assert_eq!(
+            events[0].close,
+            Some(CloseReason::ClientReset),
+            "{stage}: {:?}",
+            events[0]
+        );
+        tokio::time::timeout(WAIT, upstream)
+            .await
+            .expect("the upstream connection was closed")
+            .expect("upstream task");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while proxy.stats.connections() != 0
+            || proxy.stats.tasks() != 2
+            || proxy.stats.pooled() != 0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{stage}: left behind"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
