@@ -238,54 +238,42 @@ impl Metrics {
                     let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
                 }
             };
-        let classes = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
-        let rows: Vec<(&str, u64)> = classes
-            .iter()
-            .zip(&self.requests)
-            .map(|(c, n)| (*c, load(n)))
-            .collect();
+        // A family of counters, one per label value, in the order of `values`.
+        let family =
+            |values: &[&'static str], counters: &[AtomicU64]| -> Vec<(&'static str, u64)> {
+                values
+                    .iter()
+                    .copied()
+                    .zip(counters.iter().map(load))
+                    .collect()
+            };
         labelled(
             &mut s,
             "switchyard_requests_total",
             "Finished exchanges by the status class sent to the client (none: no response).",
             "class",
-            &rows,
+            &family(&["none", "1xx", "2xx", "3xx", "4xx", "5xx"], &self.requests),
         );
-        let rows: Vec<(&str, u64)> = REFUSALS
-            .iter()
-            .zip(&self.upgrades_refused)
-            .map(|(r, n)| (*r, load(n)))
-            .collect();
         labelled(
             &mut s,
             "switchyard_upgrades_refused_total",
             "Upgrades that did not become tunnels, by reason.",
             "reason",
-            &rows,
+            &family(&REFUSALS, &self.upgrades_refused),
         );
-        let rows: Vec<(&str, u64)> = FAILURE_CAUSES
-            .iter()
-            .zip(&self.upstream_failures)
-            .map(|(c, n)| (*c, load(n)))
-            .collect();
         labelled(
             &mut s,
             "switchyard_upstream_failures_total",
             "Upstream connects that failed, by cause.",
             "cause",
-            &rows,
+            &family(&FAILURE_CAUSES, &self.upstream_failures),
         );
-        let rows: Vec<(&str, u64)> = TUNNEL_ENDS
-            .iter()
-            .zip(&self.tunnel_ends)
-            .map(|(e, n)| (*e, load(n)))
-            .collect();
         labelled(
             &mut s,
             "switchyard_tunnels_closed_total",
             "Tunnels ended, by why.",
             "reason",
-            &rows,
+            &family(&TUNNEL_ENDS, &self.tunnel_ends),
         );
         labelled(
             &mut s,
