@@ -28,7 +28,7 @@ const REFUSALS: [&str; 5] = [
     "protocol_mismatch",
 ];
 
-const FAILURE_CAUSES: [&str; 5] = ["refused", "dns", "unreachable", "timeout", "other"];
+const FAILURE_CAUSES: [&str; 6] = ["refused", "dns", "unreachable", "timeout", "tls", "other"];
 
 const TUNNEL_ENDS: [&str; 9] = [
     "client_closed",
@@ -307,7 +307,8 @@ fn failure_index(cause: ConnectError) -> usize {
         ConnectError::Resolve => 1,
         ConnectError::Unreachable => 2,
         ConnectError::TimedOut => 3,
-        _ => 4,
+        ConnectError::Tls => 4,
+        _ => 5,
     }
 }
 

@@ -644,6 +644,21 @@ pub struct Peer {
     port: u16,
     /// Computed once: every request with the `$proxy_host` policy sends it.
     authority: Arc<str>,
+    /// Reached over TLS, as this target; `None` for plain TCP.
+    tls: Option<TlsTarget>,
+}
+
+/// How the adapter reaches a peer over TLS: the name it sends (SNI) and verifies the
+/// certificate against, and the client profile (CA set, verification) it uses. The profile is
+/// a name the adapter was given settings for — by the CLI, the upstream group's name. The core
+/// only carries it: it keeps a TLS peer and a plain one at the same address apart (the pool
+/// never hands one out for the other).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsTarget {
+    /// The name sent as SNI and matched against the certificate.
+    pub server_name: Arc<str>,
+    /// Which of the adapter's TLS client settings to use.
+    pub profile: Arc<str>,
 }
 
 impl Peer {
@@ -665,7 +680,30 @@ impl Peer {
             host: Arc::from(host),
             port,
             authority: Arc::from(authority),
+            tls: None,
         }
+    }
+
+    /// The same peer, reached over TLS as `target`. Its authority (`$proxy_host`) omits port
+    /// 443 instead of 80.
+    pub fn with_tls(mut self, target: TlsTarget) -> Self {
+        let bracketed = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.to_string()
+        };
+        self.authority = Arc::from(if self.port == 443 {
+            bracketed
+        } else {
+            format!("{bracketed}:{}", self.port)
+        });
+        self.tls = Some(target);
+        self
+    }
+
+    /// How to reach this peer over TLS; `None` for plain TCP.
+    pub fn tls(&self) -> Option<&TlsTarget> {
+        self.tls.as_ref()
     }
 
     /// Parses `host:port` or `[v6]:port`.
@@ -699,11 +737,11 @@ impl Peer {
     }
 }
 
-// Identity is host and port; the authority is derived from them, so it is left out of the
-// comparison and the hash (the pool hashes a peer on every check-out and release).
+// Identity is host, port and transport; the authority is derived from them, so it is left out
+// of the comparison and the hash (the pool hashes a peer on every check-out and release).
 impl PartialEq for Peer {
     fn eq(&self, other: &Self) -> bool {
-        self.port == other.port && self.host == other.host
+        self.port == other.port && self.host == other.host && self.tls == other.tls
     }
 }
 
@@ -713,6 +751,7 @@ impl std::hash::Hash for Peer {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.host.hash(state);
         self.port.hash(state);
+        self.tls.hash(state);
     }
 }
 

@@ -4,6 +4,7 @@
 //! Nothing here performs IO; these are plain values that an event loop moves around.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -76,6 +77,9 @@ pub struct PeerInfo {
     pub local: Option<SocketAddr>,
     /// How the client reached us.
     pub scheme: Scheme,
+    /// The server name the client asked for in its TLS handshake (SNI), if any. Routing uses it
+    /// as the virtual host of a request that carries no `Host` (HTTP/1.0).
+    pub sni: Option<Arc<str>>,
 }
 
 impl PeerInfo {
@@ -85,6 +89,7 @@ impl PeerInfo {
             addr,
             local: None,
             scheme: Scheme::Http,
+            sni: None,
         }
     }
 
@@ -97,6 +102,13 @@ impl PeerInfo {
     /// The same client, reached over `scheme`.
     pub fn with_scheme(mut self, scheme: Scheme) -> Self {
         self.scheme = scheme;
+        self
+    }
+
+    /// The same client, over TLS (`https`), having asked for server name `sni`.
+    pub fn with_tls(mut self, sni: Option<&str>) -> Self {
+        self.scheme = Scheme::Https;
+        self.sni = sni.map(Arc::from);
         self
     }
 }
@@ -117,6 +129,10 @@ pub enum ConnectError {
     /// The connect timeout passed first (reported by the session itself, not by adapters).
     #[error("connect timed out")]
     TimedOut,
+    /// The TLS handshake with the upstream failed (its certificate did not verify, it spoke
+    /// no TLS, or it refused ours).
+    #[error("TLS handshake failed")]
+    Tls,
     /// Any other failure while connecting.
     #[error("connect failed")]
     Other,

@@ -127,8 +127,8 @@ mod upgrade;
 pub use balance::{key_hash, Balancer, Choice};
 pub use config::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, KeyPart, Limits, Peer,
-    ProxyProtocol, Template, Timeouts, UpstreamGroup, UpstreamServer, Variable, WebSocket,
-    DEFAULT_GROUP,
+    ProxyProtocol, Template, Timeouts, TlsTarget, UpstreamGroup, UpstreamServer, Variable,
+    WebSocket, DEFAULT_GROUP,
 };
 pub use error::{ConfigError, RequestError, ResponseError};
 pub use event::{CloseReason, Event, ExchangeLog, FrameCounts, WebSocketLog};

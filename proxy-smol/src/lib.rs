@@ -38,7 +38,8 @@ use proxy_core::Config;
 use proxy_drive::{BoxFuture, Direction, Runtime, Socket, Timer};
 
 pub use proxy_drive::{
-    EventSink, Reload, Reloader, Resolve, ServeOptions, Shutdown, Stats, SystemResolver,
+    ClientTls, EventSink, Reload, Reloader, Resolve, ServeOptions, ServerTls, Shutdown, Stats,
+    SystemResolver, TlsCertificate, TlsError, TlsOutcome, TlsSettings, Verify,
 };
 
 /// A boxed task, as handed to a [`Spawn`].

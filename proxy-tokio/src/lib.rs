@@ -44,7 +44,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
 pub use proxy_drive::{
-    EventSink, Reload, Reloader, Resolve, ServeOptions, Shutdown, Stats, SystemResolver,
+    ClientTls, EventSink, Reload, Reloader, Resolve, ServeOptions, ServerTls, Shutdown, Stats,
+    SystemResolver, TlsCertificate, TlsError, TlsOutcome, TlsSettings, Verify,
 };
 
 /// Serves `listeners` until `shutdown` is triggered and every connection has finished (or the

@@ -152,6 +152,8 @@ pub struct ProxyHandle {
     pub events: Arc<EventLog>,
     /// The proxy's live gauges (tasks, connections, pooled upstream connections).
     pub stats: Arc<proxy_tokio::Stats>,
+    /// The proxy's TLS settings (replace a listener's certificate through it).
+    pub tls: proxy_tokio::TlsSettings,
     reloader: proxy_tokio::Reloader,
     shutdown: proxy_tokio::Shutdown,
     thread: Option<JoinHandle<()>>,
@@ -182,6 +184,14 @@ pub struct ProxyOptions {
     pub max_connections: usize,
     /// Most client connections open at once from one address; 0 for no limit.
     pub max_connections_per_ip: usize,
+    /// Terminates TLS on the proxy's listener with these settings.
+    pub tls_listener: Option<proxy_tokio::ServerTls>,
+    /// TLS client settings for upstream profiles, by name.
+    pub tls_clients: Vec<(String, proxy_tokio::ClientTls)>,
+    /// How long a client has for its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Most TLS handshakes in flight; 0 for no limit.
+    pub max_tls_handshakes: usize,
 }
 
 impl std::fmt::Debug for ProxyOptions {
@@ -206,6 +216,10 @@ impl Default for ProxyOptions {
             dns_refresh: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 0,
+            tls_listener: None,
+            tls_clients: Vec::new(),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 1024,
         }
     }
 }
@@ -233,6 +247,15 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
     if let Some(resolver) = opts.resolver.clone() {
         options.resolver = resolver;
     }
+    if let Some(tls) = opts.tls_listener.clone() {
+        options.tls.set_listener(addr, tls);
+    }
+    for (profile, tls) in &opts.tls_clients {
+        options.tls.set_client(profile, tls.clone());
+    }
+    options.tls_handshake_timeout = opts.tls_handshake_timeout;
+    options.max_tls_handshakes = opts.max_tls_handshakes;
+    let tls = options.tls.clone();
     if opts.record_events {
         options.events = Arc::new(move |e: &Event| {
             if let Event::Exchange(log) = e {
@@ -299,6 +322,7 @@ pub fn start_proxy_with(rt: Runtime, config: Config, opts: ProxyOptions) -> Prox
         addr,
         events,
         stats,
+        tls,
         reloader,
         shutdown,
         thread: Some(thread),

@@ -21,21 +21,25 @@
 //! idle deadline moves later with every message; the armed instant stays, fires early, and is
 //! then re-armed once for the real deadline. That keeps timer-wheel work off the relay path.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use proxy_core::{ConnectError, Peer, PeerInfo, Session, Side, UpstreamId};
+use proxy_core::{ConnectError, Peer, PeerInfo, Session, Side, TlsTarget, UpstreamId};
+use rustls::ServerConfig;
 
 use crate::dns::Lookup;
 use crate::limits::Admitted;
 use crate::link::{Action, Link};
 use crate::runtime::{BoxFuture, Runtime, Socket, Timer};
 use crate::server::Shared;
-use crate::shutdown::{Stop, StopWatch, TaskGuard};
+use crate::shutdown::{HandshakeSlot, Stop, StopWatch, TaskGuard};
 use crate::sys::{self, ReadOutcome, WriteOutcome};
+use crate::tls::{Stream, TlsStream};
+use crate::TlsOutcome;
 
 /// Turns per wakeup before the connection yields to other tasks.
 const TURNS_PER_POLL: usize = 16;
@@ -48,10 +52,67 @@ const WRITES_PER_TURN: usize = 8;
 
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 
+/// Runs one accepted TLS client connection: its handshake (bounded by the handshake timeout,
+/// holding one of the in-flight slots), then the connection like any other, as `https` with
+/// the name the client asked for.
+pub(crate) async fn run_tls<R: Runtime>(
+    shared: Arc<Shared<R>>,
+    socket: R::Socket,
+    config: Arc<ServerConfig>,
+    client: PeerInfo,
+    (guard, admitted, slot): (TaskGuard, Admitted, HandshakeSlot),
+) {
+    let stats = Arc::clone(&shared.options.stats);
+    let mut tls = match TlsStream::accept(socket, config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            stats.count_tls(TlsOutcome::Failed);
+            tracing::debug!(client = %client.addr, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let mut timer = shared.rt.timer();
+    let deadline = Instant::now()
+        .checked_add(shared.options.tls_handshake_timeout)
+        .unwrap_or_else(Instant::now);
+    timer.reset(deadline);
+    let mut stopped = std::pin::pin!(shared.shutdown.triggered());
+    let outcome = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = tls.poll_handshake(cx) {
+            return Poll::Ready(r.map_err(Some));
+        }
+        if timer.poll_fired(cx).is_ready() {
+            return Poll::Ready(Err(None));
+        }
+        // A handshake is not a connection yet: a shutdown ends it at once.
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Some(io::Error::other("shutting down"))));
+        }
+        Poll::Pending
+    })
+    .await;
+    drop(slot);
+    match outcome {
+        Ok(()) => stats.count_tls(TlsOutcome::Done),
+        Err(None) => {
+            stats.count_tls(TlsOutcome::TimedOut);
+            tracing::debug!(client = %client.addr, "TLS handshake timed out");
+            return;
+        }
+        Err(Some(e)) => {
+            stats.count_tls(TlsOutcome::Failed);
+            tracing::debug!(client = %client.addr, error = %e, "TLS handshake failed");
+            return;
+        }
+    }
+    let client = client.with_tls(tls.sni());
+    run(shared, tls.into_stream(), client, guard, admitted).await;
+}
+
 /// Runs one accepted client connection to its end.
 pub(crate) async fn run<R: Runtime>(
     shared: Arc<Shared<R>>,
-    socket: R::Socket,
+    socket: Stream<R::Socket>,
     client: PeerInfo,
     guard: TaskGuard,
     _admitted: Admitted,
@@ -70,6 +131,7 @@ pub(crate) async fn run<R: Runtime>(
         connecting: None,
         armed: None,
         stop: StopWatch::default(),
+        tls: None,
         seen: Stop::Run,
         waits: Waits::default(),
         _guard: guard,
@@ -78,18 +140,24 @@ pub(crate) async fn run<R: Runtime>(
 }
 
 /// An upstream connect in progress.
-enum Connecting<S> {
+enum Connecting<S: Socket> {
     /// Looking up the peer's name.
     Resolving {
         id: UpstreamId,
         peer: Peer,
         lookup: BoxFuture<io::Result<Vec<SocketAddr>>>,
     },
-    /// A non-blocking connect to one address; `rest` are tried if it fails.
+    /// A non-blocking connect to one address; `rest` are tried if it fails; then TLS if `tls`.
     Dialing {
         id: UpstreamId,
         socket: S,
         rest: Addrs,
+        tls: Option<TlsTarget>,
+    },
+    /// The TLS handshake on a connected socket (within the session's connect timeout).
+    Handshaking {
+        id: UpstreamId,
+        tls: Box<TlsStream<S>>,
     },
 }
 
@@ -149,12 +217,14 @@ enum TimerStep {
 
 struct Driver<R: Runtime> {
     shared: Arc<Shared<R>>,
-    link: Link<R::Socket>,
+    link: Link<Stream<R::Socket>>,
     connecting: Option<Connecting<R::Socket>>,
     timer: R::Timer,
     /// When the runtime timer is set to fire; may be earlier than the session's deadline.
     armed: Option<Instant>,
     stop: StopWatch,
+    /// How the upstream being connected is reached over TLS, if it is.
+    tls: Option<TlsTarget>,
     /// The shutdown level this connection has acted on.
     seen: Stop,
     waits: Waits,
@@ -233,9 +303,18 @@ impl<R: Runtime> Driver<R> {
         w.more
             || SIDES.into_iter().any(|side| {
                 (self.link.wants_read(side) && !w.read[idx(side)])
-                    || (self.link.has_queued(side) && !w.write[idx(side)])
+                    || (self.has_output(side) && !w.write[idx(side)])
             })
             || (self.connecting.is_some() && !w.connect)
+    }
+
+    /// Whether bytes wait to be written to `side`: queued, or inside its TLS layer.
+    fn has_output(&self, side: Side) -> bool {
+        self.link.has_queued(side)
+            || self
+                .link
+                .socket(side)
+                .is_some_and(Stream::has_pending_output)
     }
 
     /// Performs every action the session has asked for.
@@ -248,8 +327,8 @@ impl<R: Runtime> Driver<R> {
                     allow_pooled,
                 } => self.start_connect(id, &peer, allow_pooled, now),
                 Action::ShutdownWrite(side) => {
-                    if let Some(socket) = self.link.socket(side) {
-                        sys::shutdown_write(socket);
+                    if let Some(socket) = self.link.socket_mut(side) {
+                        socket.shutdown_write();
                     }
                 }
                 Action::Closed(side) => {
@@ -279,14 +358,17 @@ impl<R: Runtime> Driver<R> {
                 return;
             }
             let outcome = {
-                let Some(socket) = self.link.socket(side) else {
+                let Some(socket) = self.link.socket_mut(side) else {
                     return;
                 };
-                if need_ready && socket.poll_read_ready(cx).is_pending() {
+                if need_ready
+                    && !socket.has_buffered_input()
+                    && socket.poll_read_ready(cx).is_pending()
+                {
                     self.waits.read[idx(side)] = true;
                     return;
                 }
-                sys::read(socket)
+                socket.read()
             };
             match outcome {
                 Ok(ReadOutcome::Data { bytes, drained }) => {
@@ -315,6 +397,9 @@ impl<R: Runtime> Driver<R> {
 
     /// Writes the bytes queued for `side` until the queue is empty or the socket is full.
     fn flush(&mut self, side: Side, cx: &mut Context<'_>, now: Instant) {
+        if matches!(self.link.socket(side), Some(Stream::Tls(_))) {
+            return self.flush_tls(side, cx, now);
+        }
         for _ in 0..WRITES_PER_TURN {
             let result = {
                 let Some((socket, queue)) = self.link.queued(side) else {
@@ -354,19 +439,62 @@ impl<R: Runtime> Driver<R> {
         self.waits.more = true;
     }
 
+    /// The TLS flush: plaintext from the queue into rustls, its records to the socket; the
+    /// session hears of bytes sent once rustls has written all it holds.
+    fn flush_tls(&mut self, side: Side, cx: &mut Context<'_>, now: Instant) {
+        for _ in 0..WRITES_PER_TURN {
+            let result = {
+                let Some((Stream::Tls(tls), queue)) = self.link.socket_and_queue(side) else {
+                    return;
+                };
+                tls.flush(queue)
+            };
+            let step = match result {
+                Ok(step) => step,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.link.failed(side, now);
+                    self.perform_actions(now);
+                    return;
+                }
+            };
+            if step.taken > 0 {
+                self.link.taken(side, step.taken);
+            }
+            if step.sent > 0 {
+                self.link.sent(side, step.sent, now);
+                self.perform_actions(now);
+            }
+            if !self.has_output(side) {
+                return;
+            }
+            if step.full || (step.taken == 0 && step.sent == 0) {
+                let Some(socket) = self.link.socket(side) else {
+                    return;
+                };
+                if socket.poll_write_ready(cx).is_pending() {
+                    self.waits.write[idx(side)] = true;
+                    return;
+                }
+            }
+        }
+        self.waits.more = true;
+    }
+
     /// Starts the connect the session asked for: a pooled connection if allowed and alive,
     /// else a non-blocking connect (after a name lookup, for a host name).
     fn start_connect(&mut self, id: UpstreamId, peer: &Peer, allow_pooled: bool, now: Instant) {
         self.connecting = None;
         self.waits.forget(Side::Upstream);
         if allow_pooled {
-            let pooled = self.shared.pool.checkout(peer, now, sys::idle_and_open);
+            let pooled = self.shared.pool.checkout(peer, now, Stream::idle_and_open);
             self.shared.options.stats.count_pool(pooled.is_some());
             if let Some(socket) = pooled {
                 drop(self.link.connected(id, socket, true, now));
                 return;
             }
         }
+        self.tls = peer.tls().cloned();
         match peer.host().parse::<IpAddr>() {
             Ok(ip) => self.dial(id, SocketAddr::new(ip, peer.port()), Addrs::default(), now),
             Err(_) => {
@@ -402,7 +530,13 @@ impl<R: Runtime> Driver<R> {
         loop {
             match sys::start_connect(&self.shared.rt, addr) {
                 Ok(socket) => {
-                    self.connecting = Some(Connecting::Dialing { id, socket, rest });
+                    let tls = self.tls.clone();
+                    self.connecting = Some(Connecting::Dialing {
+                        id,
+                        socket,
+                        rest,
+                        tls,
+                    });
                     return;
                 }
                 Err(e) => match rest.next() {
@@ -462,15 +596,19 @@ impl<R: Runtime> Driver<R> {
                     id,
                     socket,
                     mut rest,
+                    tls,
                 }) = self.connecting.take()
                 else {
                     return;
                 };
                 match result {
-                    Ok(()) => {
-                        self.waits.forget(Side::Upstream);
-                        drop(self.link.connected(id, socket, false, now));
-                    }
+                    Ok(()) => match tls {
+                        None => {
+                            self.waits.forget(Side::Upstream);
+                            drop(self.link.connected(id, Stream::Plain(socket), false, now));
+                        }
+                        Some(target) => self.start_tls(id, socket, &target, now),
+                    },
                     Err(e) => {
                         drop(socket);
                         match rest.next() {
@@ -483,6 +621,40 @@ impl<R: Runtime> Driver<R> {
                 }
                 self.perform_actions(now);
             }
+            Connecting::Handshaking { tls, .. } => {
+                let Poll::Ready(result) = tls.poll_handshake(cx) else {
+                    self.waits.connect = true;
+                    return;
+                };
+                let Some(Connecting::Handshaking { id, tls }) = self.connecting.take() else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        self.waits.forget(Side::Upstream);
+                        drop(self.link.connected(id, Stream::Tls(tls), false, now));
+                    }
+                    Err(e) => self.connect_failed(id, ConnectError::Tls, &e, now),
+                }
+                self.perform_actions(now);
+            }
+        }
+    }
+
+    /// Starts the TLS handshake on a connected upstream socket.
+    fn start_tls(&mut self, id: UpstreamId, socket: R::Socket, target: &TlsTarget, now: Instant) {
+        let Some(config) = self.shared.options.tls.client(&target.profile) else {
+            let e = io::Error::other(format!("no TLS client settings named {:?}", target.profile));
+            return self.connect_failed(id, ConnectError::Tls, &e, now);
+        };
+        match TlsStream::connect(socket, config, &target.server_name) {
+            Ok(tls) => {
+                self.connecting = Some(Connecting::Handshaking {
+                    id,
+                    tls: Box::new(tls),
+                })
+            }
+            Err(e) => self.connect_failed(id, ConnectError::Tls, &e, now),
         }
     }
 

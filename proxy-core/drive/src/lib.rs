@@ -41,10 +41,12 @@ mod runtime;
 mod server;
 mod shutdown;
 mod sys;
+mod tls;
 
 pub use dns::{Resolve, SystemResolver};
 pub use reload::{Reload, Reloader};
 pub use runtime::{AsSocketFd, BoxFuture, Direction, Runtime, Socket, Timer};
 pub use server::{serve, EventSink, ServeOptions};
-pub use shutdown::{Shutdown, Stats};
+pub use shutdown::{Shutdown, Stats, TlsOutcome};
 pub use sys::{MIN_READ, READ_CHUNK};
+pub use tls::{ClientTls, ServerTls, TlsCertificate, TlsError, TlsSettings, Verify};

@@ -128,6 +128,17 @@ impl<S> Link<S> {
         self.sockets[index(side)].as_ref()
     }
 
+    pub(crate) fn socket_mut(&mut self, side: Side) -> Option<&mut S> {
+        self.sockets[index(side)].as_mut()
+    }
+
+    /// The socket of `side` and the bytes queued for it, even when none are (a TLS stream may
+    /// have its own to write).
+    pub(crate) fn socket_and_queue(&mut self, side: Side) -> Option<(&mut S, &Outbox)> {
+        let socket = self.sockets[index(side)].as_mut()?;
+        Some((socket, &self.queues[index(side)]))
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.session.is_closed()
     }
@@ -215,6 +226,18 @@ impl<S> Link<S> {
     /// buffer without copying) and tells the session.
     pub(crate) fn wrote(&mut self, side: Side, n: usize, now: Instant) {
         self.queues[index(side)].consume(n);
+        self.session
+            .handle_input(now, Input::Sent { to: side, len: n });
+    }
+
+    /// `n` queued bytes were taken by a layer that writes them later (TLS): they leave the
+    /// queue, but the session hears of them only with [`sent`](Self::sent).
+    pub(crate) fn taken(&mut self, side: Side, n: usize) {
+        self.queues[index(side)].consume(n);
+    }
+
+    /// `n` bytes taken earlier are on the wire.
+    pub(crate) fn sent(&mut self, side: Side, n: usize, now: Instant) {
         self.session
             .handle_input(now, Input::Sent { to: side, len: n });
     }

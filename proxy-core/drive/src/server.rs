@@ -17,7 +17,8 @@ use crate::pool::SharedPool;
 use crate::reload::{Reload, Reloader};
 use crate::runtime::{Runtime, Timer};
 use crate::shutdown::{race, Shutdown, Stats, TaskGuard};
-use crate::{drive, health, sys};
+use crate::tls::{Stream, TlsSettings};
+use crate::{drive, health};
 
 /// Receives the sessions' events: one [`Event::Exchange`] per finished exchange or tunnel (the
 /// access log), and the moments metrics count (upstream chosen or failed, tunnel opened or
@@ -51,6 +52,13 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Most client connections open at once from one address; 0 for no limit.
     pub max_connections_per_ip: usize,
+    /// Which listeners terminate TLS, and the TLS settings for upstreams (none by default).
+    pub tls: TlsSettings,
+    /// How long a client has to complete its TLS handshake (10 s by default).
+    pub tls_handshake_timeout: Duration,
+    /// Most client TLS handshakes in progress at once; over it, a new TLS connection is closed
+    /// at accept and counted ([`TlsOutcome::Refused`](crate::TlsOutcome)). 0 for no limit.
+    pub max_tls_handshakes: usize,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +74,9 @@ impl Default for ServeOptions {
             reload: Reloader::new(),
             max_connections: 0,
             max_connections_per_ip: 0,
+            tls: TlsSettings::new(),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 1024,
         }
     }
 }
@@ -88,7 +99,7 @@ pub(crate) struct Shared<R: Runtime> {
     /// What new connections get; replaced by a reload.
     generation: RwLock<Arc<Generation>>,
     admission: Arc<Admission>,
-    pub(crate) pool: SharedPool<R::Socket>,
+    pub(crate) pool: SharedPool<Stream<R::Socket>>,
     pub(crate) options: ServeOptions,
     pub(crate) shutdown: Shutdown,
     pub(crate) dns: Arc<DnsCache>,
@@ -367,14 +378,39 @@ fn spawn_connection<R: Runtime>(
         drop(socket);
         return;
     };
-    sys::configure(&socket);
+    crate::sys::configure(&socket);
     let guard = stats.connection();
     let mut client = PeerInfo::new(addr);
     if let Some(local) = local {
         client = client.with_local(local);
     }
-    let task = drive::run(Arc::clone(shared), socket, client, guard, admitted);
-    shared.rt.spawn(task);
+    match shared.options.tls.listener(local) {
+        None => {
+            let task = drive::run(
+                Arc::clone(shared),
+                Stream::Plain(socket),
+                client,
+                guard,
+                admitted,
+            );
+            shared.rt.spawn(task);
+        }
+        Some(config) => {
+            let Some(slot) = stats.start_handshake(shared.options.max_tls_handshakes) else {
+                stats.count_tls(crate::TlsOutcome::Refused);
+                tracing::debug!(client = %addr, "too many TLS handshakes in flight; closed");
+                return;
+            };
+            let task = drive::run_tls(
+                Arc::clone(shared),
+                socket,
+                config,
+                client,
+                (guard, admitted, slot),
+            );
+            shared.rt.spawn(task);
+        }
+    }
 }
 
 /// Closes pooled connections that outlived the pool's idle timeout, so their sockets do not
@@ -399,7 +435,7 @@ async fn pool_reaper<R: Runtime>(shared: Arc<Shared<R>>, _guard: TaskGuard) {
             timer.reset(Instant::now() + period);
         }
         // Idle connections the upstream closed (or spoke on) go at once.
-        let dropped = shared.pool.watch(cx, sys::idle_and_open);
+        let dropped = shared.pool.watch(cx, Stream::idle_and_open);
         if dropped > 0 {
             tracing::debug!(
                 dropped,

@@ -188,7 +188,52 @@ pub struct Stats {
     pool_hits: AtomicU64,
     pool_misses: AtomicU64,
     refused: AtomicU64,
+    tls: [AtomicU64; 4],
+    tls_in_flight: AtomicUsize,
     zero: Event,
+}
+
+/// How a TLS handshake with a client ended, as [`Stats::tls_handshakes`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsOutcome {
+    /// Completed.
+    Done,
+    /// Failed (a protocol error, a certificate the client refused, a reset).
+    Failed,
+    /// Not completed within the handshake timeout.
+    TimedOut,
+    /// Refused at once: too many handshakes were in flight.
+    Refused,
+}
+
+impl TlsOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [TlsOutcome; 4] = [
+        TlsOutcome::Done,
+        TlsOutcome::Failed,
+        TlsOutcome::TimedOut,
+        TlsOutcome::Refused,
+    ];
+
+    /// A label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsOutcome::Done => "ok",
+            TlsOutcome::Failed => "failed",
+            TlsOutcome::TimedOut => "timeout",
+            TlsOutcome::Refused => "refused",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            TlsOutcome::Done => 0,
+            TlsOutcome::Failed => 1,
+            TlsOutcome::TimedOut => 2,
+            TlsOutcome::Refused => 3,
+        }
+    }
 }
 
 impl Stats {
@@ -235,6 +280,30 @@ impl Stats {
     /// Connections closed at accept because a connection limit was reached.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Client TLS handshakes that ended as `outcome`, since start.
+    pub fn tls_handshakes(&self, outcome: TlsOutcome) -> u64 {
+        self.tls[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Client TLS handshakes in progress now.
+    pub fn tls_in_flight(&self) -> usize {
+        self.tls_in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn count_tls(&self, outcome: TlsOutcome) {
+        self.tls[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes a handshake slot if fewer than `max` are in flight (0: no limit).
+    pub(crate) fn start_handshake(self: &Arc<Self>, max: usize) -> Option<HandshakeSlot> {
+        let n = self.tls_in_flight.fetch_add(1, Ordering::AcqRel);
+        if max > 0 && n >= max {
+            self.tls_in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(HandshakeSlot(Arc::clone(self)))
     }
 
     pub(crate) fn count_refused(&self) {
@@ -421,5 +490,15 @@ mod tests {
         drop(t);
         assert!(flag.0.load(Ordering::SeqCst));
         assert!(done.as_mut().poll(&mut cx).is_ready());
+    }
+}
+
+/// A TLS handshake in flight; the slot is given back when it is dropped.
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot(Arc<Stats>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.tls_in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -42,15 +42,11 @@ pub(crate) enum ReadOutcome {
 
 /// One non-blocking read from `socket`.
 pub(crate) fn read<S: Socket>(socket: &S) -> io::Result<ReadOutcome> {
-    SCRATCH.with_borrow_mut(|buf| {
-        if buf.len() < MIN_READ {
-            // The old buffer lives on in the `Bytes` already split off it, until they are written.
-            *buf = BytesMut::zeroed(READ_CHUNK);
-        }
+    with_read_buffer(|buf| {
         let want = buf.len();
         let mut short = None;
         let result = socket.try_io(Direction::Read, || {
-            let n = (&*SockRef::from(socket)).read(&mut buf[..])?;
+            let n = (&*SockRef::from(socket)).read(buf)?;
             if n > 0 && n < want {
                 // Drained: tell the runtime, so that it does not report the socket readable
                 // until the peer sends more.
@@ -59,15 +55,32 @@ pub(crate) fn read<S: Socket>(socket: &S) -> io::Result<ReadOutcome> {
             }
             Ok(n)
         });
-        let n = match (result, short) {
-            (_, Some(n)) => n,
-            (Ok(0), None) => return Ok(ReadOutcome::Eof),
-            (Ok(n), None) => n,
-            (Err(e), None) => return Err(e),
-        };
-        Ok(ReadOutcome::Data {
-            bytes: buf.split_to(n).freeze(),
-            drained: short.is_some(),
+        match (result, short) {
+            (_, Some(n)) => Ok(Some((n, true))),
+            (Ok(0), None) => Ok(None),
+            (Ok(n), None) => Ok(Some((n, false))),
+            (Err(e), None) => Err(e),
+        }
+    })
+}
+
+/// Runs `fill` on the free part of the thread's read buffer (at least [`MIN_READ`] bytes) and
+/// hands out what it filled as `Bytes`, without a copy. `fill` answers `Some((n, drained))`
+/// for `n > 0` bytes, `None` at end of stream.
+pub(crate) fn with_read_buffer(
+    fill: impl FnOnce(&mut [u8]) -> io::Result<Option<(usize, bool)>>,
+) -> io::Result<ReadOutcome> {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < MIN_READ {
+            // The old buffer lives on in the `Bytes` already split off it, until they are written.
+            *buf = BytesMut::zeroed(READ_CHUNK);
+        }
+        Ok(match fill(&mut buf[..])? {
+            Some((n, drained)) => ReadOutcome::Data {
+                bytes: buf.split_to(n).freeze(),
+                drained,
+            },
+            None => ReadOutcome::Eof,
         })
     })
 }

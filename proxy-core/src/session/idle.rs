@@ -134,7 +134,7 @@ fn prepare(cx: &Conn, head: &[u8]) -> Result<Prepared, RequestError> {
     let mut heap = Vec::new();
     let slots = header_slots(&mut stack, &mut heap, config.limits.max_headers);
     let parsed = parse_request(head, slots, &config.limits)?;
-    let route = route_request(config, cx.client.local, &parsed)?;
+    let route = route_request(config, &cx.client, &parsed)?;
     let settings = route.map(|(_, _, r)| &r.settings);
     let max_body = settings
         .and_then(|s| s.max_body)
@@ -194,13 +194,15 @@ fn prepare(cx: &Conn, head: &[u8]) -> Result<Prepared, RequestError> {
 /// implicit route), a 404 when none matches.
 fn route_request<'c>(
     config: &'c Config,
-    local: Option<std::net::SocketAddr>,
+    client: &crate::PeerInfo,
     req: &ParsedRequest<'_>,
 ) -> Result<Option<(usize, usize, &'c Route)>, RequestError> {
     if config.virtual_hosts.is_empty() {
         return Ok(None);
     }
-    let v = virtual_host(&config.virtual_hosts, local, req.host).ok_or(RequestError::NoRoute)?;
+    // A request without Host (HTTP/1.0) is served by the name its TLS handshake asked for.
+    let host = req.host.or(client.sni.as_deref().map(str::as_bytes));
+    let v = virtual_host(&config.virtual_hosts, client.local, host).ok_or(RequestError::NoRoute)?;
     let routes = &config.virtual_hosts[v].routes;
     let r = route_for(routes, req.path).ok_or(RequestError::NoRoute)?;
     Ok(Some((v, r, &routes[r])))
