@@ -166,3 +166,46 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, made now and written (with its
+/// key, readable only by this user) to a fresh directory under the system's temporary one:
+/// the paths of the certificate and the key.
+pub fn self_signed() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use anyhow::Context as _;
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let key = rcgen::KeyPair::generate().context("key")?;
+    let cert = rcgen::CertificateParams::new(names)
+        .context("certificate parameters")?
+        .self_signed(&key)
+        .context("certificate")?;
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem())
+        .with_context(|| format!("cannot write {}", cert_path.display()))?;
+    write_private(&key_path, key.serialize_pem().as_bytes())
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    tracing::info!(
+        "demo certificate (self-signed, for localhost): {}",
+        cert_path.display()
+    );
+    Ok((cert_path, key_path))
+}
+
+#[cfg(unix)]
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}

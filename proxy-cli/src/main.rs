@@ -8,6 +8,7 @@ mod metrics;
 mod observe;
 mod probe;
 mod settings;
+mod tls;
 mod units;
 
 use std::net::TcpListener;
@@ -71,6 +72,10 @@ enum Command {
         /// Also serve Prometheus metrics at http://ADDR/metrics (linked from the page).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Serve https:// and wss:// with a self-signed certificate made at start (for
+        /// localhost; the browser asks you to accept it once).
+        #[arg(long)]
+        tls: bool,
     },
     /// Validates a config file and prints the effective configuration.
     CheckConfig {
@@ -158,6 +163,13 @@ struct RunArgs {
     /// Access log destination: a path, `-` for stdout, or `off` [default: -].
     #[arg(long, value_name = "PATH|-|off")]
     access_log: Option<String>,
+    /// Terminate TLS (https, wss) on every listener with this PEM certificate chain (leaf
+    /// first); needs --tls-key. Replaces the file's `tls`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -218,6 +230,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Probe { .. }) => Ok(()),
         Some(Command::CheckConfig { file }) => {
             let settings = Settings::load(Some(&file), &Overrides::default())?;
+            // The certificate, key and CA files must load too.
+            let listeners: Vec<_> = settings.listen.iter().map(|a| (*a, *a)).collect();
+            tls::load(&settings, &listeners)?;
             print!(
                 "# {} is valid; effective configuration:\n{}",
                 file.display(),
@@ -230,6 +245,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             access_log,
             runtime,
             metrics,
+            tls,
         }) => {
             let metrics = bind_metrics(metrics)?;
             let metrics_url = metrics
@@ -238,12 +254,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .map(|a| format!("http://{a}/metrics"));
             let upstream = demo::start_upstream_thread(metrics_url)
                 .context("cannot start the demo upstream")?;
+            let (tls_cert, tls_key) = if tls {
+                let (cert, key) =
+                    demo::self_signed().context("cannot make the demo certificate")?;
+                (Some(cert), Some(key))
+            } else {
+                (None, None)
+            };
             let flags = Overrides {
                 listen: vec![listen],
                 upstream: vec![upstream.to_string()],
                 access_log: Some(access_log),
                 workers: Some(1),
                 runtime: Some(runtime),
+                tls_cert,
+                tls_key,
                 ..Default::default()
             };
             let settings = Settings::load(None, &flags)?;
@@ -253,8 +278,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .and_then(|l| l.local_addr().ok())
                 .map(|a| a.to_string())
                 .unwrap_or_default();
+            let (http, ws) = if tls {
+                ("https", "wss")
+            } else {
+                ("http", "ws")
+            };
             println!(
-                "switchyard demo: open http://{shown}/ in a browser (WebSocket echo at ws://{shown}/ws); Ctrl-C stops it"
+                "switchyard demo: open {http}://{shown}/ in a browser (WebSocket echo at {ws}://{shown}/ws); Ctrl-C stops it"
             );
             serve(settings, listeners, metrics, None)
         }
@@ -276,6 +306,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 workers: a.workers,
                 runtime: a.runtime,
                 access_log: a.access_log,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
             };
             let settings = Settings::load(a.config.as_deref(), &flags)?;
             // Bind before starting a runtime so that "address in use" is reported at once.
@@ -321,11 +353,29 @@ fn serve(
     options.max_connections = settings.max_connections;
     options.max_connections_per_ip = settings.max_connections_per_ip;
     options.events = observe::sink(access, metrics.clone());
+    options.tls_handshake_timeout = settings.tls_handshake_timeout;
+    options.max_tls_handshakes = settings.max_tls_handshakes;
+    let bound: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = settings
+        .listen
+        .iter()
+        .zip(&listeners)
+        .filter_map(|(cfg, l)| Some((*cfg, l.local_addr().ok()?)))
+        .collect();
+    let loaded = tls::load(&settings, &bound)?;
+    let secure: Vec<std::net::SocketAddr> = loaded.tls_listeners().collect();
+    loaded.apply(&options.tls);
+    tls::warn_insecure(&settings);
     warn_unresolved(&settings.config);
     let addrs: Vec<String> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
+        .map(|a| {
+            if secure.contains(&a) {
+                format!("{a} (TLS)")
+            } else {
+                a.to_string()
+            }
+        })
         .collect();
     let peers: Vec<String> = settings
         .config
@@ -346,13 +396,13 @@ fn serve(
     );
     let shutdown = proxy_tokio::Shutdown::new();
     let on_hup = reload_from.map(|(path, flags)| {
-        let bound: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = settings
-            .listen
-            .iter()
-            .zip(&listeners)
-            .filter_map(|(cfg, l)| Some((*cfg, l.local_addr().ok()?)))
-            .collect();
-        reload::handler(path, flags, options.reload.clone(), bound, settings.clone())
+        reload::handler(
+            path,
+            flags,
+            (options.reload.clone(), options.tls.clone()),
+            bound,
+            settings.clone(),
+        )
     });
     signals::install(shutdown.clone(), settings.drain_timeout, on_hup)?;
     if let (Some(listener), Some(m)) = (metrics_listener, metrics) {
@@ -481,6 +531,11 @@ mod reload {
         {
             v.push("the upstream pool and DNS settings");
         }
+        if old.tls_handshake_timeout != new.tls_handshake_timeout
+            || old.max_tls_handshakes != new.max_tls_handshakes
+        {
+            v.push("the TLS handshake limits");
+        }
         v
     }
 
@@ -489,7 +544,7 @@ mod reload {
     pub fn handler(
         path: Option<PathBuf>,
         flags: Overrides,
-        reloader: proxy_tokio::Reloader,
+        (reloader, tls): (proxy_tokio::Reloader, proxy_tokio::TlsSettings),
         bound: Vec<(SocketAddr, SocketAddr)>,
         running: Settings,
     ) -> Box<dyn Fn() + Send> {
@@ -531,6 +586,19 @@ mod reload {
             }
             let (kept, gone): (Vec<_>, Vec<_>) =
                 bound.iter().partition(|(c, _)| new.listen.contains(c));
+            // Certificates and keys are read again: one that does not load refuses the whole
+            // reload, and the ones in use stay.
+            let mut now_bound = kept;
+            now_bound.extend(added);
+            let loaded = match crate::tls::load(&new, &now_bound) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(
+                        "reload refused, still serving the previous configuration and certificates: {e}"
+                    );
+                    return;
+                }
+            };
             let stale = restart_only(running, &new);
             if !stale.is_empty() {
                 tracing::warn!(
@@ -539,12 +607,13 @@ mod reload {
                 );
             }
             crate::warn_unresolved(&new.config);
+            crate::tls::warn_insecure(&new);
+            // In force before the new listeners accept their first connection.
+            loaded.apply(&tls);
             let mut reload = proxy_tokio::Reload::new(Arc::new(new.config.clone()));
             reload.add = add;
             reload.remove = gone.iter().map(|(_, b)| *b).collect();
             reloader.reload(reload);
-            let mut now_bound = kept;
-            now_bound.extend(added);
             let listening: Vec<String> = now_bound.iter().map(|(_, b)| b.to_string()).collect();
             *bound = now_bound;
             *running = new;

@@ -261,6 +261,17 @@ impl Metrics {
             "reason",
             &family(&REFUSALS, &self.upgrades_refused),
         );
+        let tls: Vec<(&str, u64)> = proxy_tokio::TlsOutcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), stats.tls_handshakes(*o)))
+            .collect();
+        labelled(
+            &mut s,
+            "switchyard_tls_handshakes_total",
+            "Client TLS handshakes by outcome (refused: too many in flight).",
+            "result",
+            &tls,
+        );
         labelled(
             &mut s,
             "switchyard_upstream_failures_total",

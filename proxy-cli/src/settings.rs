@@ -11,8 +11,8 @@ use std::time::Duration;
 use proxy_core::health::{HealthCheck, HealthKind};
 use proxy_core::{
     BalanceMethod, Config, HashKey, HeaderRule, HostPolicy, IpNet, PathMatch, Peer, ProxyProtocol,
-    Route, ServerName, Template, Timeouts, UpstreamGroup, UpstreamServer, VirtualHost, WebSocket,
-    DEFAULT_GROUP,
+    Route, ServerName, Template, Timeouts, TlsTarget, UpstreamGroup, UpstreamServer, VirtualHost,
+    WebSocket, DEFAULT_GROUP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +47,9 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub runtime: Option<RuntimeKind>,
     pub access_log: Option<String>,
+    /// `--tls-cert` / `--tls-key`: TLS on every listener with this one certificate.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The effective settings.
@@ -65,12 +68,47 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most client connections open at once from one address, 0 for no limit.
     pub max_connections_per_ip: usize,
+    /// Certificates served by TLS listeners.
+    pub tls: Vec<ListenerCert>,
+    /// How long a client has for its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Most client TLS handshakes in progress at once, 0 for no limit.
+    pub max_tls_handshakes: usize,
+    /// TLS to upstreams, by group name (the core's TLS profile).
+    pub upstream_tls: BTreeMap<String, UpstreamTls>,
+}
+
+/// A certificate and its key, served on `listen` (every listener when empty), chosen by SNI
+/// among the others on the same listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub listen: Vec<SocketAddr>,
+}
+
+/// How one upstream group is reached over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// CA certificates trusted besides the Mozilla roots.
+    pub ca: Vec<PathBuf>,
+    /// The name sent as SNI and verified, instead of each server's host.
+    pub server_name: Option<String>,
+    /// Accept any certificate (logged as a warning at start).
+    pub insecure_skip_verify: bool,
 }
 
 /// A configuration error, ready to print.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct SettingsError(String);
+
+impl SettingsError {
+    /// An error with this text.
+    pub fn new(text: String) -> Self {
+        SettingsError(text)
+    }
+}
 
 // ---- the file ----
 
@@ -93,6 +131,29 @@ struct File {
     server: Option<Vec<ServerBlock>>,
     proxy_protocol: Option<ProxyProtocolSection>,
     websocket: Option<WebSocketSection>,
+    /// `tls = { cert = "...", key = "..." }`, or a list of them (chosen by SNI).
+    tls: Option<TlsSpec>,
+    tls_handshake_timeout: Option<Dur>,
+    max_tls_handshakes: Option<usize>,
+}
+
+/// One certificate or several.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+enum TlsSpec {
+    One(TlsEntry),
+    Many(Vec<TlsEntry>),
+}
+
+/// `{ cert = "cert.pem", key = "key.pem", listen = "0.0.0.0:443" }`; paths are relative to the
+/// config file; without `listen`, every listener serves it.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct TlsEntry {
+    cert: String,
+    key: String,
+    #[serde(default, deserialize_with = "one_or_many")]
+    listen: Option<Vec<String>>,
 }
 
 /// `[websocket]` (or `websocket = { ... }` in a server or route): the frame-aware tunnel. Its
@@ -164,6 +225,10 @@ struct UpstreamSection {
     pool_max_idle: Option<usize>,
     dns_refresh: Option<Dur>,
     health: Option<HealthSection>,
+    tls: Option<bool>,
+    ca: Option<Vec<String>>,
+    server_name: Option<String>,
+    insecure_skip_verify: Option<bool>,
     /// Every other key is a named group (`[upstream.chat]`).
     groups: BTreeMap<String, GroupSection>,
 }
@@ -197,6 +262,10 @@ impl<'de> Deserialize<'de> for UpstreamSection {
                         "pool_max_idle" => s.pool_max_idle = Some(map.next_value()?),
                         "dns_refresh" => s.dns_refresh = Some(map.next_value()?),
                         "health" => s.health = Some(map.next_value()?),
+                        "tls" => s.tls = Some(map.next_value()?),
+                        "ca" => s.ca = Some(map.next_value::<OneOrMany>()?.0),
+                        "server_name" => s.server_name = Some(map.next_value()?),
+                        "insecure_skip_verify" => s.insecure_skip_verify = Some(map.next_value()?),
                         _ => {
                             let group: GroupTable = map.next_value()?;
                             s.groups.insert(key, group.0);
@@ -231,7 +300,11 @@ impl Serialize for UpstreamSection {
             pool_idle_timeout,
             pool_max_idle,
             dns_refresh,
-            health
+            health,
+            tls,
+            ca,
+            server_name,
+            insecure_skip_verify
         );
         for (name, group) in &self.groups {
             m.serialize_entry(name, group)?;
@@ -320,6 +393,15 @@ struct GroupSection {
     tries: Option<u32>,
     try_timeout: Option<Dur>,
     health: Option<HealthSection>,
+    /// Reach the servers over TLS, verifying their certificates.
+    tls: Option<bool>,
+    /// CA certificates (PEM files) trusted besides the Mozilla roots.
+    #[serde(default, deserialize_with = "one_or_many")]
+    ca: Option<Vec<String>>,
+    /// The name to send as SNI and verify, instead of each server's host.
+    server_name: Option<String>,
+    /// Accept any certificate (warned about at start).
+    insecure_skip_verify: Option<bool>,
 }
 
 /// `health = { check = "http", path = "/healthz", expect = "200-399", interval = "5s",
@@ -535,7 +617,8 @@ impl Settings {
         };
         let at =
             |key: &str, expected: String| -> SettingsError { locate(src.as_ref(), key, &expected) };
-        build(file, flags, &at)
+        let base = path.and_then(Path::parent);
+        build(file, flags, &at, base)
     }
 
     /// The effective configuration as TOML, for `check-config`: every key with the value in
@@ -570,8 +653,21 @@ impl Settings {
         upstream.tries = default.tries;
         upstream.try_timeout = default.try_timeout;
         upstream.health = default.health;
+        if let Some(t) = self.upstream_tls.get(DEFAULT_GROUP) {
+            upstream.tls = Some(true);
+            upstream.ca = Some(t.ca.iter().map(|p| p.display().to_string()).collect());
+            upstream.server_name.clone_from(&t.server_name);
+            upstream.insecure_skip_verify = Some(t.insecure_skip_verify);
+        }
         for g in &c.groups {
-            upstream.groups.insert(g.name.clone(), group_section(g));
+            let mut section = group_section(g);
+            if let Some(t) = self.upstream_tls.get(&g.name) {
+                section.tls = Some(true);
+                section.ca = Some(t.ca.iter().map(|p| p.display().to_string()).collect());
+                section.server_name.clone_from(&t.server_name);
+                section.insecure_skip_verify = Some(t.insecure_skip_verify);
+            }
+            upstream.groups.insert(g.name.clone(), section);
         }
         File {
             listen: Some(self.listen.iter().map(ToString::to_string).collect()),
@@ -622,6 +718,21 @@ impl Settings {
                 trusted: p.trusted.iter().map(ToString::to_string).collect(),
             }),
             websocket: c.websocket.as_ref().map(websocket_section),
+            tls: (!self.tls.is_empty()).then(|| {
+                TlsSpec::Many(
+                    self.tls
+                        .iter()
+                        .map(|t| TlsEntry {
+                            cert: t.cert.display().to_string(),
+                            key: t.key.display().to_string(),
+                            listen: (!t.listen.is_empty())
+                                .then(|| t.listen.iter().map(ToString::to_string).collect()),
+                        })
+                        .collect(),
+                )
+            }),
+            tls_handshake_timeout: Some(Dur(self.tls_handshake_timeout)),
+            max_tls_handshakes: Some(self.max_tls_handshakes),
         }
     }
 
@@ -739,7 +850,17 @@ fn build(
     file: File,
     flags: &Overrides,
     at: &dyn Fn(&str, String) -> SettingsError,
+    base: Option<&Path>,
 ) -> Result<Settings, SettingsError> {
+    // Paths in the file are relative to the file (like nginx's to its prefix), not to
+    // wherever the proxy was started from.
+    let path_of = |p: &str| -> PathBuf {
+        let p = PathBuf::from(p);
+        match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        }
+    };
     let mut upstream = file.upstream.unwrap_or_default();
     let servers = file.server.unwrap_or_default();
     let default_section = GroupSection {
@@ -758,8 +879,17 @@ fn build(
         tries: upstream.tries,
         try_timeout: upstream.try_timeout,
         health: upstream.health.take(),
+        tls: upstream.tls,
+        ca: upstream.ca.take(),
+        server_name: upstream.server_name.take(),
+        insecure_skip_verify: upstream.insecure_skip_verify,
     };
-    let default_group = group_from("upstream", default_section, at)?;
+    let mut upstream_tls = BTreeMap::new();
+    let (default_group, tls) =
+        group_from("upstream", DEFAULT_GROUP, default_section, at, &path_of)?;
+    if let Some(tls) = tls {
+        upstream_tls.insert(DEFAULT_GROUP.to_owned(), tls);
+    }
     if default_group.servers.is_empty() && servers.is_empty() {
         return Err(SettingsError(
             "no upstream: give --upstream HOST:PORT (repeatable), [upstream] peers in the config file, or [[server]] routes to [upstream.NAME] groups".to_owned(),
@@ -768,7 +898,10 @@ fn build(
     let mut config = Config::new(default_group);
     for (name, g) in std::mem::take(&mut upstream.groups) {
         let field = format!("upstream.{name}");
-        let group = group_from(&field, g, at)?;
+        let (group, tls) = group_from(&field, &name, g, at, &path_of)?;
+        if let Some(tls) = tls {
+            upstream_tls.insert(name.clone(), tls);
+        }
         config.groups.push(group.named(&name));
     }
 
@@ -946,6 +1079,51 @@ fn build(
             listen.push(addr);
         }
     }
+    let tls = match (&flags.tls_cert, &flags.tls_key) {
+        (Some(cert), Some(key)) => vec![ListenerCert {
+            cert: cert.clone(),
+            key: key.clone(),
+            listen: Vec::new(),
+        }],
+        (None, None) => {
+            let entries = match file.tls {
+                None => Vec::new(),
+                Some(TlsSpec::One(e)) => vec![e],
+                Some(TlsSpec::Many(v)) => v,
+            };
+            let mut certs = Vec::new();
+            for (i, e) in entries.into_iter().enumerate() {
+                let mut on = Vec::new();
+                for (j, a) in e.listen.unwrap_or_default().iter().enumerate() {
+                    let addr: SocketAddr = a.parse().map_err(|_| {
+                        at(
+                            "listen",
+                            format!("tls[{i}].listen[{j}]: a listen address, got {a:?}"),
+                        )
+                    })?;
+                    if !listen.contains(&addr) {
+                        return Err(at(
+                            "listen",
+                            format!("tls[{i}].listen[{j}]: one of the listen addresses, got {a:?}"),
+                        ));
+                    }
+                    on.push(addr);
+                }
+                certs.push(ListenerCert {
+                    cert: path_of(&e.cert),
+                    key: path_of(&e.key),
+                    listen: on,
+                });
+            }
+            certs
+        }
+        _ => {
+            return Err(SettingsError(
+                "--tls-cert and --tls-key: give both (the certificate chain and its key, PEM)"
+                    .to_owned(),
+            ))
+        }
+    };
     let workers = flags
         .workers
         .or(file.workers)
@@ -954,6 +1132,13 @@ fn build(
         return Err(at("workers", "workers: at least 1".to_owned()));
     }
     Ok(Settings {
+        tls,
+        tls_handshake_timeout: file
+            .tls_handshake_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(10)),
+        max_tls_handshakes: file.max_tls_handshakes.unwrap_or(1024),
+        upstream_tls,
         max_connections: flags.max_connections.or(file.max_connections).unwrap_or(0),
         max_connections_per_ip: flags
             .max_connections_per_ip
@@ -986,12 +1171,16 @@ fn build(
     })
 }
 
-/// One upstream group from its keys; `field` names it in errors (`upstream`, `upstream.chat`).
+/// One upstream group from its keys, with its TLS settings if it is reached over TLS; `field`
+/// names it in errors (`upstream`, `upstream.chat`), `name` is its name in routes (and its TLS
+/// profile).
 fn group_from(
     field: &str,
+    name: &str,
     g: GroupSection,
     at: &dyn Fn(&str, String) -> SettingsError,
-) -> Result<UpstreamGroup, SettingsError> {
+    path_of: &dyn Fn(&str) -> PathBuf,
+) -> Result<(UpstreamGroup, Option<UpstreamTls>), SettingsError> {
     let GroupSection {
         peers,
         servers,
@@ -1000,7 +1189,30 @@ fn group_from(
         tries,
         try_timeout,
         health,
+        tls,
+        ca,
+        server_name,
+        insecure_skip_verify,
     } = g;
+    let tls = match tls {
+        Some(true) => Some(UpstreamTls {
+            ca: ca.unwrap_or_default().iter().map(|p| path_of(p)).collect(),
+            server_name,
+            insecure_skip_verify: insecure_skip_verify.unwrap_or(false),
+        }),
+        _ => {
+            for (key, given) in [
+                ("ca", ca.is_some()),
+                ("server_name", server_name.is_some()),
+                ("insecure_skip_verify", insecure_skip_verify.is_some()),
+            ] {
+                if given {
+                    return Err(at(key, format!("{field}.{key}: only with `tls = true`")));
+                }
+            }
+            None
+        }
+    };
     let mut list = Vec::new();
     for (i, p) in peers.unwrap_or_default().iter().enumerate() {
         let peer = Peer::parse(p)
@@ -1069,7 +1281,17 @@ fn group_from(
     if let Some(h) = health {
         group.health = Some(health_from(field, h, at)?);
     }
-    Ok(group)
+    if let Some(t) = &tls {
+        for server in &mut group.servers {
+            let server_name = t.server_name.as_deref().unwrap_or(server.peer.host());
+            let target = TlsTarget {
+                server_name: server_name.into(),
+                profile: name.into(),
+            };
+            server.peer = server.peer.clone().with_tls(target);
+        }
+    }
+    Ok((group, tls))
 }
 
 fn health_from(
@@ -1349,6 +1571,10 @@ fn group_section(g: &UpstreamGroup) -> GroupSection {
                 passes: Some(h.passes),
             }
         }),
+        tls: None,
+        ca: None,
+        server_name: None,
+        insecure_skip_verify: None,
     }
 }
 
@@ -1807,6 +2033,52 @@ mod tests {
         assert!(err.to_string().contains("ping_every"), "{err}");
     }
 
+    /// `tls = true` makes every server of the group a TLS peer: SNI and verification name from
+    /// `server_name` or the server's host, the group's name as the profile; paths are relative
+    /// to the config file.
+    #[test]
+    fn upstream_tls_marks_every_server_of_the_group() {
+        let text = "tls = { cert = \"c.pem\", key = \"/abs/k.pem\" }\n\
+                    [upstream]\npeers = [\"app.internal:443\", \"10.0.0.2:8443\"]\ntls = true\n\
+                    [upstream.api]\npeers = \"10.0.0.3:443\"\ntls = true\nserver_name = \"api.internal\"\n\
+                    insecure_skip_verify = true\n[upstream.plain]\npeers = \"10.0.0.4:80\"\n";
+        let file: File = toml::from_str(text).expect("parses");
+        let s = build(
+            file,
+            &Overrides::default(),
+            &|k, e| SettingsError(format!("{k}: {e}")),
+            Some(Path::new("/etc/sy")),
+        )
+        .expect("builds");
+        let names: Vec<(String, String)> = s
+            .config
+            .all_groups()
+            .flat_map(|g| g.servers.iter())
+            .filter_map(|srv| {
+                srv.peer
+                    .tls()
+                    .map(|t| (t.server_name.to_string(), t.profile.to_string()))
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("app.internal".to_owned(), DEFAULT_GROUP.to_owned()),
+                ("10.0.0.2".to_owned(), DEFAULT_GROUP.to_owned()),
+                ("api.internal".to_owned(), "api".to_owned()),
+            ]
+        );
+        assert_eq!(
+            s.config.upstream.servers[0].peer.authority(),
+            "app.internal",
+            "443 is implied"
+        );
+        assert!(s.upstream_tls["api"].insecure_skip_verify);
+        assert!(!s.upstream_tls.contains_key("plain"));
+        assert_eq!(s.tls[0].cert, Path::new("/etc/sy/c.pem"));
+        assert_eq!(s.tls[0].key, Path::new("/abs/k.pem"));
+    }
+
     /// `check-config` output reads back as the same configuration: for the example config, the
     /// nginx translations, and one with every kind of rule.
     #[test]
@@ -1828,10 +2100,12 @@ mod tests {
         texts.push((
             "everything".to_owned(),
             "listen = \"127.0.0.1:18080\"\n\
+             tls = [{ cert = \"/etc/a.pem\", key = \"/etc/a.key\" }, { cert = \"b.pem\", key = \"b.key\", listen = \"127.0.0.1:18080\" }]\n\
+             tls_handshake_timeout = \"5s\"\nmax_tls_handshakes = 64\n\
              [upstream]\npeers = \"10.0.0.1:80\"\nmethod = \"least_conn\"\ntries = 2\n\
              health = { check = \"http\", path = \"/hz\", expect = \"200-204\", interval = \"3s\" }\n\
              [upstream.chat]\nservers = [{ addr = \"10.0.0.2:80\", weight = 3, backup = false }, \"10.0.0.3:80\"]\n\
-             hash = \"room-$arg_room\"\n\
+             hash = \"room-$arg_room\"\ntls = true\nca = \"ca.pem\"\nserver_name = \"chat.internal\"\n\
              [http]\ntrusted_proxies = \"10.0.0.0/8\"\nset_headers = { X-Real-IP = \"$remote_addr\", X-Cost = \"5$$\" }\n\
              remove_headers = \"X-Debug\"\n\
              [websocket]\nping_interval = \"30s\"\n\
@@ -1857,6 +2131,8 @@ mod tests {
                 "{name}"
             );
             assert_eq!(second.listen, first.listen, "{name}");
+            assert_eq!(second.tls, first.tls, "{name}");
+            assert_eq!(second.upstream_tls, first.upstream_tls, "{name}");
         }
     }
 }

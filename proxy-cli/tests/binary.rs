@@ -1063,3 +1063,283 @@ fn help_mentions_the_timeouts() {
         );
     }
 }
+
+// ---- TLS ----
+
+/// A throwaway CA and leaf certificates made now (no key is committed).
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA");
+        TestCa { cert, key }
+    }
+
+    /// PEM certificate and key for `name`.
+    fn leaf(&self, name: &str) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).expect("root");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TLS connection to `addr` for `name`, and the leaf certificate it was shown (DER).
+async fn tls_to(ca: &TestCa, addr: SocketAddr, name: &str) -> (ClientTls, Vec<u8>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let tls = tokio::time::timeout(WAIT, ca.connector().connect(server, tcp))
+        .await
+        .expect("TLS handshake within WAIT")
+        .expect("TLS handshake");
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("a certificate")
+        .to_vec();
+    (tls, leaf)
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("PEM certificate")
+        .to_vec()
+}
+
+/// The whole wss story of the binary: a file's `tls` (paths relative to the file) terminates
+/// TLS for a plain ws backend; SIGHUP re-reads the certificate for new connections while an
+/// open tunnel keeps working; a broken key file refuses the reload and the certificate in use
+/// stays.
+#[test]
+fn wss_through_the_binary_with_a_certificate_rotated_on_sighup() {
+    let rt = runtime();
+    let backend = rt.block_on(ws_echo());
+    let ca = TestCa::new();
+    let (first, second) = (ca.leaf("wss.test"), ca.leaf("wss.test"));
+    let file = TempFile::new(
+        "tls.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n[upstream]\npeers = \"{backend}\"\n"
+        ),
+    );
+    let dir = file.0.parent().expect("temp dir").to_path_buf();
+    let write_pair = |(cert, key): &(String, String)| {
+        std::fs::write(dir.join("cert.pem"), cert).expect("write cert");
+        std::fs::write(dir.join("key.pem"), key).expect("write key");
+    };
+    write_pair(&first);
+    let check = Proc::run(&["check-config", file.path()]);
+    assert!(check.0.success(), "check-config: {}", check.2);
+    assert!(check.1.contains("cert.pem"), "{}", check.1);
+    let mut proc = Proc::spawn(&["--config", file.path(), "--access-log", "off"]);
+    let addr = proc.wait_ready();
+    assert!(
+        proc.stderr.text().contains("(TLS)"),
+        "the startup line says which listeners speak TLS: {}",
+        proc.stderr.text()
+    );
+    let (tls, leaf) = rt.block_on(tls_to(&ca, addr, "wss.test"));
+    assert_eq!(leaf, der_of(&first.0));
+    let url = format!("wss://wss.test:{}/chat", addr.port());
+    let mut ws = rt.block_on(async {
+        let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+            .await
+            .expect("handshake within WAIT")
+            .expect("wss handshake");
+        assert_eq!(response.status().as_u16(), 101);
+        ws
+    });
+
+    write_pair(&second);
+    proc.signal("-HUP");
+    proc.stderr
+        .wait_until(|s| s.contains("reloaded the configuration"))
+        .unwrap_or_else(|| panic!("no reload line: {}", proc.stderr.text()));
+    let (fresh, leaf) = rt.block_on(tls_to(&ca, addr, "wss.test"));
+    assert_eq!(
+        leaf,
+        der_of(&second.0),
+        "new connections get the new certificate"
+    );
+    drop(fresh);
+    rt.block_on(async {
+        let msg = Message::text("after the rotation");
+        ws.send(msg.clone()).await.expect("send");
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("echo within WAIT");
+        assert!(
+            matches!(echoed, Some(Ok(m)) if m == msg),
+            "the open tunnel keeps working"
+        );
+    });
+
+    std::fs::write(dir.join("key.pem"), "not a key").expect("break the key");
+    proc.signal("-HUP");
+    let text = proc
+        .stderr
+        .wait_until(|s| s.contains("reload refused"))
+        .unwrap_or_else(|| panic!("no refusal: {}", proc.stderr.text()));
+    assert!(text.contains("key.pem"), "the error names the file: {text}");
+    let (_kept, leaf) = rt.block_on(tls_to(&ca, addr, "wss.test"));
+    assert_eq!(leaf, der_of(&second.0), "the certificate in use stays");
+
+    rt.block_on(async {
+        ws.close(None).await.expect("close");
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    });
+    drop(ws);
+    proc.signal("-TERM");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}; stderr: {}", proc.stderr.text());
+}
+
+#[test]
+fn tls_config_errors_name_the_file_and_the_setting() {
+    let file = TempFile::new(
+        "bad-tls.toml",
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"missing.pem\", key = \"missing.key\" }\n[upstream]\npeers = \"127.0.0.1:9\"\n",
+    );
+    let (status, _, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(!status.success());
+    assert_one_line_error(&stderr, "tls[0]: ");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+    let file = TempFile::new(
+        "bad-group.toml",
+        "[upstream]\npeers = \"127.0.0.1:9\"\nca = \"ca.pem\"\n",
+    );
+    let (status, _, stderr) = Proc::run(&["check-config", file.path()]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("upstream.ca: only with `tls = true`"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = Proc::run(&["--tls-cert", "c.pem", "--upstream", "127.0.0.1:9"]);
+    assert!(!status.success());
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+}
+
+#[test]
+fn demo_tls_serves_https_and_wss() {
+    let rt = runtime();
+    let mut proc = Proc::spawn(&[
+        "demo",
+        "--tls",
+        "--listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "off",
+    ]);
+    let addr = proc.wait_ready();
+    let text = proc
+        .stdout
+        .wait_until(|s| s.contains("wss://"))
+        .unwrap_or_else(|| panic!("no wss line: {}", proc.stdout.text()));
+    assert!(text.contains("https://"), "{text}");
+    // The certificate is self-signed: this client trusts whatever it is shown (a browser asks).
+    rt.block_on(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = tokio::time::timeout(
+            WAIT,
+            insecure_connector().connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                tcp,
+            ),
+        )
+        .await
+        .expect("handshake within WAIT")
+        .expect("TLS handshake with the demo");
+        let url = format!("wss://localhost:{}/ws", addr.port());
+        let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+            .await
+            .expect("within WAIT")
+            .expect("wss handshake with the demo");
+        let msg = Message::text("hello demo");
+        ws.send(msg.clone()).await.expect("send");
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("echo within WAIT");
+        assert!(matches!(echoed, Some(Ok(m)) if m == msg), "echoed over wss");
+    });
+    proc.signal("-INT");
+    let status = proc.wait_exit();
+    assert!(status.success(), "{status}");
+}
+
+/// A client that accepts any certificate (for the demo's self-signed one only).
+fn insecure_connector() -> tokio_rustls::TlsConnector {
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
