@@ -5,7 +5,6 @@
 //! ([`proxy_core::health`]).
 
 use std::future::poll_fn;
-use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,10 +13,13 @@ use proxy_core::health::{self, HealthCheck, Verdict};
 use proxy_core::Peer;
 
 use crate::dns::Lookup;
+use crate::link::Outbox;
 use crate::runtime::{Runtime, Socket};
 use crate::server::{sleep, Generation, Shared};
 use crate::shutdown::{race, TaskGuard};
 use crate::sys::{self, ReadOutcome, WriteOutcome};
+use crate::tls::{Stream, TlsStream};
+use bytes::Bytes;
 
 /// Checks `server` of group `gi` of `generation` every interval until the shutdown, or until a
 /// reload replaces the generation.
@@ -67,8 +69,9 @@ pub(crate) async fn check_server<R: Runtime>(
     }
 }
 
-/// One check: connect, and for HTTP, ask and judge the answer. Unbounded in time by itself;
-/// the caller races it with the check's timeout.
+/// One check: connect (and for a TLS peer, complete the handshake, which verifies its
+/// certificate), and for HTTP, ask and judge the answer. Unbounded in time by itself; the
+/// caller races it with the check's timeout.
 async fn check_once<R: Runtime>(shared: &Arc<Shared<R>>, peer: &Peer, check: &HealthCheck) -> bool {
     let Some(addr) = address(shared, peer).await else {
         return false;
@@ -80,24 +83,33 @@ async fn check_once<R: Runtime>(shared: &Arc<Shared<R>>, peer: &Peer, check: &He
     if sys::connect_result(&socket).is_err() {
         return false;
     }
+    let mut stream = match peer.tls() {
+        None => Stream::Plain(socket),
+        Some(target) => {
+            let Some(config) = shared.options.tls.client(&target.profile) else {
+                return false;
+            };
+            let Ok(mut tls) = TlsStream::connect(socket, config, &target.server_name) else {
+                return false;
+            };
+            if poll_fn(|cx| tls.poll_handshake(cx)).await.is_err() {
+                return false;
+            }
+            tls.into_stream()
+        }
+    };
     let Some(request) = health::request(check, peer) else {
         return true;
     };
-    let mut sent = 0;
-    while sent < request.len() {
-        match sys::write(&socket, &[IoSlice::new(&request[sent..])]) {
-            Ok(WriteOutcome::Wrote { n: 0, .. }) => return false,
-            Ok(WriteOutcome::Wrote { n, .. }) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                poll_fn(|cx| socket.poll_write_ready(cx)).await;
-            }
-            Err(_) => return false,
-        }
+    if !send(&mut stream, request).await {
+        return false;
     }
     let mut received = Vec::new();
     loop {
-        poll_fn(|cx| socket.poll_read_ready(cx)).await;
-        let eof = match sys::read(&socket) {
+        if !stream.has_buffered_input() {
+            poll_fn(|cx| stream.poll_read_ready(cx)).await;
+        }
+        let eof = match stream.read() {
             Ok(ReadOutcome::Data { bytes, .. }) => {
                 received.extend_from_slice(&bytes);
                 false
@@ -110,6 +122,33 @@ async fn check_once<R: Runtime>(shared: &Arc<Shared<R>>, peer: &Peer, check: &He
             Verdict::Pending if !eof => {}
             Verdict::Pass => return true,
             _ => return false,
+        }
+    }
+}
+
+/// Writes all of `request`, through TLS if the stream has it; false if the peer went away.
+async fn send<S: Socket>(stream: &mut Stream<S>, request: Bytes) -> bool {
+    let mut queue = Outbox::default();
+    queue.push(request);
+    loop {
+        let (taken, full) = match stream {
+            Stream::Plain(socket) => match sys::write_queue(socket, &queue) {
+                Ok(WriteOutcome::Wrote { n: 0, .. }) => return false,
+                Ok(WriteOutcome::Wrote { n, full }) => (n, full),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => (0, true),
+                Err(_) => return false,
+            },
+            Stream::Tls(tls) => match tls.flush(&queue) {
+                Ok(step) => (step.taken, step.full),
+                Err(_) => return false,
+            },
+        };
+        queue.consume(taken);
+        if queue.is_empty() && !stream.has_pending_output() {
+            return true;
+        }
+        if full || taken == 0 {
+            poll_fn(|cx| stream.poll_write_ready(cx)).await;
         }
     }
 }

@@ -46,7 +46,7 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, bytes: Bytes) {
+    pub(crate) fn push(&mut self, bytes: Bytes) {
         if self.first.is_none() {
             self.first = Some(bytes);
         } else {
@@ -67,7 +67,7 @@ impl Outbox {
     }
 
     /// Drops the first `n` bytes, splitting a partly written buffer without copying.
-    fn consume(&mut self, mut n: usize) {
+    pub(crate) fn consume(&mut self, mut n: usize) {
         while n > 0 {
             let Some(front) = self.first.as_mut() else {
                 break;
