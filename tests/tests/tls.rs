@@ -34,6 +34,7 @@ runtime_tests!(
     handshakes_over_the_limit_are_refused,
     upstream_tls_verifies_and_reuses_connections,
     upstream_tls_with_the_wrong_ca_is_a_502,
+    health_checks_speak_tls_and_mark_a_bad_certificate_down,
 );
 
 /// A throwaway certificate authority.
@@ -452,6 +453,18 @@ async fn handshakes_over_the_limit_are_refused(rt: Runtime) {
 /// A TLS HTTP/1.1 origin presenting `leaf`: answers `200 secure` to every request, keeping the
 /// connection alive; counts TLS connections accepted.
 async fn tls_origin(leaf: &(String, String)) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = tls_origin_logged(leaf).await;
+    (addr, accepted)
+}
+
+/// [`tls_origin`], also recording each request head it answered.
+async fn tls_origin_logged(
+    leaf: &(String, String),
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let chain = vec![CertificateDer::from_pem_slice(leaf.0.as_bytes()).expect("cert")];
     let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).expect("key");
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -465,11 +478,14 @@ async fn tls_origin(leaf: &(String, String)) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
     let count = Arc::clone(&accepted);
+    let log = Arc::clone(&heads);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let count = Arc::clone(&count);
+            let log = Arc::clone(&log);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -479,7 +495,10 @@ async fn tls_origin(leaf: &(String, String)) -> (SocketAddr, Arc<AtomicUsize>) {
                 let mut buf = [0u8; 4096];
                 loop {
                     while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
+                        let head: Vec<u8> = pending.drain(..end + 4).collect();
+                        if let Ok(mut log) = log.lock() {
+                            log.push(String::from_utf8_lossy(&head).into_owned());
+                        }
                         let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure";
                         if tls.write_all(reply).await.is_err() {
                             return;
@@ -493,7 +512,7 @@ async fn tls_origin(leaf: &(String, String)) -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, heads)
 }
 
 fn tls_upstream_config(origin: SocketAddr, name: &str) -> Config {
@@ -588,4 +607,75 @@ async fn upstream_tls_with_the_wrong_ca_is_a_502(rt: Runtime) {
     assert!(response.starts_with("HTTP/1.1 502 "), "{response}");
     proxy.stop();
     proxy2.stop();
+}
+
+async fn health_checks_speak_tls_and_mark_a_bad_certificate_down(rt: Runtime) {
+    let real = Ca::new("health CA");
+    let other = Ca::new("not trusted");
+    let (good, _, good_heads) = tls_origin_logged(&real.leaf(&["backend.test"])).await;
+    let (bad, bad_accepted) = tls_origin(&other.leaf(&["backend.test"])).await;
+    let target = || TlsTarget {
+        server_name: Arc::from("backend.test"),
+        profile: Arc::from("secure"),
+    };
+    let peer = |a: SocketAddr| Peer::new(&a.ip().to_string(), a.port()).with_tls(target());
+    let mut group = UpstreamGroup::new(vec![peer(bad), peer(good)]);
+    let mut check = proxy_core::health::HealthCheck::new(proxy_core::health::HealthKind::Http {
+        path: "/hz".to_owned(),
+        expect: 200..=299,
+    });
+    check.interval = Duration::from_millis(100);
+    check.fails = 1;
+    group.health = Some(check);
+    let client =
+        ClientTls::with_ca(Verify::Roots, vec![("ca.pem".into(), real.der())]).expect("client TLS");
+    let proxy = start_proxy_with(
+        rt,
+        Config::new(group),
+        ProxyOptions {
+            tls_clients: vec![("secure".into(), client)],
+            ..ProxyOptions::default()
+        },
+    );
+    // Two rounds of checks: the good server answered both over TLS, and by then the bad one
+    // failed its first handshake.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let checks = good_heads
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .filter(|h| h.starts_with("GET /hz ") && h.contains("switchyard-health-check"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if checks >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health checks reach the TLS server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            plain_get(proxy.addr).await,
+            "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure"
+        );
+    }
+    let logs = proxy.events.wait_for(4);
+    for log in &logs {
+        assert!(
+            log.upstream_failures.is_empty(),
+            "the server with the untrusted certificate is down, never tried: {:?}",
+            log.upstream_failures
+        );
+    }
+    assert_eq!(
+        bad_accepted.load(Ordering::SeqCst),
+        0,
+        "no handshake with it ever completed"
+    );
+    proxy.stop();
 }
