@@ -88,7 +88,7 @@ enum Command {
     /// Exit codes: 0 ok (genuine 101, Ping answered), 2 unusable URL, 3 name does not resolve,
     /// 4 cannot connect, 5 timeout, 6 no 101 (with why: redirect, 400, 404, a plain 200...),
     /// 7 a 101 that is not a valid answer (Upgrade, Connection, Sec-WebSocket-Accept,
-    /// subprotocol), 8 no frames after the 101.
+    /// subprotocol), 8 no frames after the 101, 9 the TLS handshake failed (wss://).
     Probe {
         /// The WebSocket URL, e.g. ws://127.0.0.1:8080/ws.
         url: String,
@@ -101,6 +101,12 @@ enum Command {
         /// An Origin header to send, as a browser would.
         #[arg(long, value_name = "ORIGIN")]
         origin: Option<String>,
+        /// wss://: trust the CA certificates in this PEM file too (repeatable).
+        #[arg(long, value_name = "FILE")]
+        ca: Vec<PathBuf>,
+        /// wss://: accept any certificate (a test bench's self-signed one).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -183,6 +189,8 @@ fn main() -> ExitCode {
         timeout,
         protocol,
         origin,
+        ca,
+        insecure,
     }) = cli.command
     {
         let outcome = probe::run(&probe::Probe {
@@ -190,6 +198,8 @@ fn main() -> ExitCode {
             timeout,
             protocol,
             origin,
+            ca,
+            insecure,
         });
         return ExitCode::from(outcome.code());
     }

@@ -5,17 +5,39 @@
 //! and waits for its Pong to show that frames pass.
 //!
 //! Blocking sockets on the calling thread: one connection, every step bounded by `--timeout`.
+//! `wss://` adds a TLS handshake (verified against the Mozilla roots and `--ca`, or not at all
+//! with `--insecure`), diagnosed on its own.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A blocking connection, plain or TLS.
+trait Io: Read + Write {
+    /// Bounds the next reads.
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Io for TcpStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, d)
+    }
+}
+
+impl Io for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+}
 
 /// How a probe ended; the process exits with [`Outcome::code`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// A genuine 101 and a Pong back.
     Ok,
-    /// The URL cannot be probed (bad syntax, or wss:// before TLS exists).
+    /// The URL cannot be probed (bad syntax, an unreadable `--ca`).
     Usage(String),
     /// The host name does not resolve.
     Resolve(String),
@@ -29,6 +51,8 @@ pub enum Outcome {
     BadSwitch(String),
     /// The 101 was fine, but the connection did not carry frames.
     NoFrames(String),
+    /// wss://: the TLS handshake failed (certificate not trusted, wrong name, no TLS there).
+    Tls(String),
 }
 
 impl Outcome {
@@ -42,6 +66,7 @@ impl Outcome {
             Outcome::NotSwitched(_) => 6,
             Outcome::BadSwitch(_) => 7,
             Outcome::NoFrames(_) => 8,
+            Outcome::Tls(_) => 9,
         }
     }
 
@@ -54,7 +79,8 @@ impl Outcome {
             | Outcome::Timeout(m)
             | Outcome::NotSwitched(m)
             | Outcome::BadSwitch(m)
-            | Outcome::NoFrames(m) => m,
+            | Outcome::NoFrames(m)
+            | Outcome::Tls(m) => m,
         }
     }
 }
@@ -68,6 +94,10 @@ pub struct Probe {
     pub protocol: Option<String>,
     /// An `Origin` to send, as a browser would.
     pub origin: Option<String>,
+    /// wss://: CA certificates (PEM) trusted besides the Mozilla roots.
+    pub ca: Vec<PathBuf>,
+    /// wss://: accept any certificate.
+    pub insecure: bool,
 }
 
 /// Runs the probe, printing each step and the verdict on stdout; returns the outcome.
@@ -84,16 +114,19 @@ struct Target {
     host: String,
     port: u16,
     path: String,
+    tls: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, Outcome> {
-    let rest = if let Some(r) = url.strip_prefix("ws://") {
-        r
-    } else if url.starts_with("wss://") {
-        return Err(Outcome::Usage(
-            "wss:// is not supported by this build yet (no TLS); probe the plain ws:// backend"
-                .to_owned(),
-        ));
+    let (rest, tls) = if let Some(r) = url.strip_prefix("ws://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (r, true)
+    } else if url.starts_with("https://") {
+        return Err(Outcome::Usage(format!(
+            "{url} is an https:// URL; a secure WebSocket URL starts with wss:// (try {})",
+            url.replacen("https://", "wss://", 1)
+        )));
     } else if url.starts_with("http://") {
         return Err(Outcome::Usage(format!(
             "{url} is an http:// URL; a WebSocket URL starts with ws:// (try {})",
@@ -115,7 +148,7 @@ fn parse_url(url: &str) -> Result<Target, Outcome> {
                 .map_err(|_| Outcome::Usage(format!("bad port {p:?} in {url}")))?;
             (h.trim_start_matches('[').trim_end_matches(']'), port)
         }
-        _ => (authority, 80),
+        _ => (authority, if tls { 443 } else { 80 }),
     };
     if host.is_empty() {
         return Err(Outcome::Usage(format!("no host in {url}")));
@@ -124,7 +157,151 @@ fn parse_url(url: &str) -> Result<Target, Outcome> {
         host: host.to_owned(),
         port,
         path: path.to_owned(),
+        tls,
     })
+}
+
+/// The TLS client settings of a wss:// probe.
+fn tls_config(p: &Probe) -> Result<Arc<rustls::ClientConfig>, Outcome> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Outcome::Usage(format!("TLS: {e}")))?;
+    let mut config = if p.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for path in &p.ca {
+            use rustls::pki_types::pem::PemObject as _;
+            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| Outcome::Usage(format!("--ca {}: {e}", path.display())))?
+                .filter_map(Result::ok)
+                .collect();
+            if certs.is_empty() {
+                return Err(Outcome::Usage(format!(
+                    "--ca {}: expected PEM certificates, found none",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| Outcome::Usage(format!("--ca {}: {e}", path.display())))?;
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `--insecure`: any certificate passes; the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Completes the TLS handshake on `tcp`, saying what was negotiated.
+fn start_tls(
+    p: &Probe,
+    target: &Target,
+    tcp: TcpStream,
+    say: &mut dyn FnMut(String),
+) -> Result<Box<dyn Io>, Outcome> {
+    let config = tls_config(p)?;
+    let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| Outcome::Usage(format!("{} is not a TLS server name: {e}", target.host)))?;
+    let conn = rustls::ClientConnection::new(config, name)
+        .map_err(|e| Outcome::Tls(format!("TLS: {e}")))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let started = Instant::now();
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            let hint = if e.to_string().contains("UnknownIssuer") {
+                " (a self-signed or private CA certificate: pass --ca FILE, or --insecure for a test bench)"
+            } else if e.to_string().contains("NotValidForName") {
+                " (the certificate is for another name)"
+            } else if e.to_string().contains("InvalidContentType")
+                || e.to_string().contains("corrupt message")
+            {
+                " (the port does not speak TLS: try ws://)"
+            } else {
+                ""
+            };
+            return Err(Outcome::Tls(format!(
+                "the TLS handshake with {}:{} failed: {e}{hint}",
+                target.host, target.port
+            )));
+        }
+    }
+    let version = tls
+        .conn
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let alpn = tls
+        .conn
+        .alpn_protocol()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .unwrap_or_else(|| "none".to_owned());
+    say(format!(
+        "TLS handshake in {:.1} ms ({version}, ALPN {alpn}{})",
+        started.elapsed().as_secs_f64() * 1000.0,
+        if p.insecure {
+            ", certificate NOT verified"
+        } else {
+            ", certificate verified"
+        }
+    ));
+    Ok(Box::new(tls))
 }
 
 fn probe(p: &Probe, say: &mut dyn FnMut(String)) -> Outcome {
@@ -145,7 +322,7 @@ fn probe(p: &Probe, say: &mut dyn FnMut(String)) -> Outcome {
         return Outcome::Resolve(format!("{} resolves to no address", target.host));
     };
     let started = Instant::now();
-    let mut stream = match TcpStream::connect_timeout(&addr, p.timeout) {
+    let tcp = match TcpStream::connect_timeout(&addr, p.timeout) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             return Outcome::Timeout(format!(
@@ -163,14 +340,22 @@ fn probe(p: &Probe, say: &mut dyn FnMut(String)) -> Outcome {
         "connected to {addr} in {:.1} ms",
         started.elapsed().as_secs_f64() * 1000.0
     ));
-    let _ = stream.set_read_timeout(Some(p.timeout));
-    let _ = stream.set_write_timeout(Some(p.timeout));
+    let _ = tcp.set_read_timeout(Some(p.timeout));
+    let _ = tcp.set_write_timeout(Some(p.timeout));
+    let mut stream: Box<dyn Io> = if target.tls {
+        match start_tls(p, &target, tcp, say) {
+            Ok(s) => s,
+            Err(o) => return o,
+        }
+    } else {
+        Box::new(tcp)
+    };
     let key = nonce_key();
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nUser-Agent: switchyard-probe\r\n",
         target.path,
-        if target.port == 80 {
+        if target.port == if target.tls { 443 } else { 80 } {
             target.host.clone()
         } else {
             format!("{}:{}", target.host, target.port)
@@ -189,22 +374,23 @@ fn probe(p: &Probe, say: &mut dyn FnMut(String)) -> Outcome {
         ));
     }
     let sent = Instant::now();
-    let (head, rest) = match read_head(&mut stream) {
-        Ok(h) => h,
-        Err(Failure::Timeout) => {
-            return Outcome::Timeout(format!(
+    let (head, rest) =
+        match read_head(&mut *stream) {
+            Ok(h) => h,
+            Err(Failure::Timeout) => {
+                return Outcome::Timeout(format!(
                 "no answer to the handshake within {:?}: the server accepted the connection but \
                  says nothing (is it an HTTP server? a TLS port probed with ws://?)",
                 p.timeout
             ))
-        }
-        Err(Failure::Closed) => {
-            return Outcome::NotSwitched(
-                "the server closed the connection without answering the handshake".to_owned(),
-            )
-        }
-        Err(Failure::Other(e)) => return Outcome::NotSwitched(e),
-    };
+            }
+            Err(Failure::Closed) => return Outcome::NotSwitched(
+                "the server closed the connection without answering the handshake (if that port \
+                 speaks TLS, probe it with wss://)"
+                    .to_owned(),
+            ),
+            Err(Failure::Other(e)) => return Outcome::NotSwitched(e),
+        };
     say(format!(
         "answer after {:.1} ms: {}",
         sent.elapsed().as_secs_f64() * 1000.0,
@@ -214,7 +400,7 @@ fn probe(p: &Probe, say: &mut dyn FnMut(String)) -> Outcome {
         return o;
     }
     say("101 Switching Protocols with the right Sec-WebSocket-Accept".to_owned());
-    ping_pong(&mut stream, rest, p.timeout, say)
+    ping_pong(&mut *stream, rest, p.timeout, say)
 }
 
 enum Failure {
@@ -224,7 +410,7 @@ enum Failure {
 }
 
 /// Reads a response head; returns it and whatever followed it.
-fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>), Failure> {
+fn read_head(stream: &mut dyn Io) -> Result<(String, Vec<u8>), Failure> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -347,7 +533,7 @@ fn judge(head: &str, key: &str, protocol: Option<&str>) -> Option<Outcome> {
 
 /// Sends a masked Ping and waits for the Pong; closes cleanly either way.
 fn ping_pong(
-    stream: &mut TcpStream,
+    stream: &mut dyn Io,
     mut buf: Vec<u8>,
     timeout: Duration,
     say: &mut dyn FnMut(String),
@@ -514,7 +700,11 @@ mod tests {
         assert!(parse_url("ws://127.0.0.1:9000/chat").is_ok());
         let t = parse_url("ws://example.com").map_err(|o| o.message().to_owned());
         assert_eq!(t.as_ref().map(|t| (t.port, t.path.as_str())), Ok((80, "/")));
-        assert_eq!(parse_url("wss://x/").err().map(|o| o.code()), Some(2));
+        assert_eq!(parse_url("https://x/").err().map(|o| o.code()), Some(2));
+        match parse_url("wss://x/p") {
+            Ok(wss) => assert!(wss.tls && wss.port == 443 && wss.path == "/p"),
+            Err(o) => panic!("wss parses: {o:?}"),
+        }
         assert_eq!(parse_url("http://x/").err().map(|o| o.code()), Some(2));
     }
 

@@ -824,8 +824,9 @@ fn probe_diagnoses_each_kind_of_failure() {
     let refusing = switchyard_tests::refusing_port();
     let (code, out) = probe(&format!("ws://{}/", refusing.addr), &[]);
     assert_eq!(code, Some(4), "{out}");
-    let (code, out) = probe("wss://127.0.0.1:1/", &[]);
+    let (code, out) = probe("https://127.0.0.1:1/", &[]);
     assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("wss://"), "an https URL gets the wss one suggested: {out}");
 }
 
 // ---- C: check-config ----
@@ -1284,6 +1285,24 @@ fn demo_tls_serves_https_and_wss() {
             .expect("echo within WAIT");
         assert!(matches!(echoed, Some(Ok(m)) if m == msg), "echoed over wss");
     });
+    // probe: the self-signed certificate is refused with its own exit code and a hint, and
+    // accepted with --insecure.
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    let (code, out) = probe(&url, &[]);
+    assert_eq!(code, Some(9), "{out}");
+    assert!(out.contains("--insecure"), "{out}");
+    let (code, out) = probe(&url, &["--insecure"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("TLS handshake in") && out.contains("ALPN http/1.1"),
+        "{out}"
+    );
+    let (code, out) = probe(&format!("ws://127.0.0.1:{}/ws", addr.port()), &[]);
+    assert_eq!(code, Some(6), "{out}");
+    assert!(
+        out.contains("wss://"),
+        "a plain probe of a TLS port says so: {out}"
+    );
     proc.signal("-INT");
     let status = proc.wait_exit();
     assert!(status.success(), "{status}");
