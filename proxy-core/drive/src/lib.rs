@@ -29,6 +29,11 @@
 //!   leave it as `Bytes` slices, without a copy; a waiting connection holds no read buffer.
 //! * **No protocol decision.** Every decision is the session's; this crate only moves bytes,
 //!   opens connections and keeps time.
+//! * **TLS is one more stream type, not another loop.** rustls's connection is sans-IO, so the
+//!   same syscalls, readiness and budgets drive a TLS connection on every runtime (listeners
+//!   with [`TlsSettings`], upstreams through [`proxy_core::TlsTarget`]). The session hears of
+//!   bytes as sent only once their records are on the wire. rustls's buffered API copies each
+//!   record once each way and allocates per record; that is the price of TLS here today.
 
 mod dns;
 mod drive;

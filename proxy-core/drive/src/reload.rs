@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use event_listener::Event;
 use proxy_core::Config;
 
-/// A handle that hands reloads to a running server (give it in [`ServeOptions::reload`]
-/// (crate::ServeOptions::reload)). Cheap to clone; reloads are applied in order.
+/// A handle that hands reloads to a running server (give it in
+/// [`ServeOptions::reload`](crate::ServeOptions::reload)). Cheap to clone; reloads are applied in order.
 #[derive(Clone, Default)]
 pub struct Reloader {
     inner: Arc<Inner>,
