@@ -1,21 +1,208 @@
 //! Peers that misbehave slowly, on every runtime: a slowloris crowd trickling request heads
 //! does not keep anyone else waiting, and each of them is answered 408 at its deadline; a
-//! reader that stops reading stops the writer on the far side.
+//! reader that stops reading stops the writer on the far side. Faults at every stage of an
+//! exchange, from the upstream and from the client, are contained.
+//!
+//! Every scenario also checks that the file descriptors it made are all closed at its end (per
+//! case, for those made of cases). Descriptors belong to the whole process, so each scenario
+//! instance runs alone in a child process of its own (see [`run_isolated`]).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use switchyard_tests::origin::{http_origin, SeenRequest};
-use switchyard_tests::{config_for, runtime_tests, start_proxy, Runtime, WAIT};
+use switchyard_tests::{config_for, refusing_port, run_scenario, start_proxy, Runtime, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-runtime_tests! {
+/// Like `switchyard_tests::runtime_tests!`, but each instance runs in a child process of its
+/// own, alone, so that its descriptor counts are its own.
+macro_rules! isolated_runtime_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use switchyard_tests::Runtime;
+
+                #[test]
+                fn tokio() {
+                    let name = concat!(stringify!($name), "::tokio");
+                    super::run_isolated(name, Runtime::Tokio, super::$name);
+                }
+                #[test]
+                fn tokio_multi() {
+                    let name = concat!(stringify!($name), "::tokio_multi");
+                    super::run_isolated(name, Runtime::TokioMulti, super::$name);
+                }
+                #[test]
+                fn smol() {
+                    let name = concat!(stringify!($name), "::smol");
+                    super::run_isolated(name, Runtime::Smol, super::$name);
+                }
+                #[test]
+                fn async_std() {
+                    let name = concat!(stringify!($name), "::async_std");
+                    super::run_isolated(name, Runtime::AsyncStd, super::$name);
+                }
+            }
+        )*
+    };
+}
+
+isolated_runtime_tests! {
     slowloris_is_cut_off_and_starves_no_one,
     backpressure_stops_the_writer_both_ways,
     faults_at_every_stage_are_contained,
     client_resets_are_contained,
+}
+
+/// Set in the child process that runs one scenario instance.
+const ISOLATED_ENV: &str = "SWITCHYARD_ABUSE_ISOLATED";
+
+/// How long a child may take: the scenario itself is bounded at 120 s by `run_scenario`.
+const CHILD_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs the test `name` (this scenario on `rt`) in a child process: this test binary started
+/// again with only that test selected, one test thread, and [`ISOLATED_ENV`] set, which makes
+/// the same test run the scenario itself. Nothing else runs in the child, so every descriptor
+/// opened or closed there is the scenario's. The child must pass, having run exactly one test.
+fn run_isolated<F, Fut>(name: &str, rt: Runtime, scenario: F)
+where
+    F: FnOnce(Runtime) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if std::env::var_os(ISOLATED_ENV).is_some() {
+        return run_scenario(rt, scenario);
+    }
+    let exe = std::env::current_exe().expect("the path of this test binary");
+    let mut command = smol::process::Command::new(exe);
+    command
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ISOLATED_ENV, "1")
+        .kill_on_drop(true);
+    let output = smol::block_on(smol::future::or(
+        async { Some(command.output().await) },
+        async {
+            smol::Timer::after(CHILD_LIMIT).await;
+            None
+        },
+    ))
+    .unwrap_or_else(|| panic!("{name}: the child process ran over {CHILD_LIMIT:?}"))
+    .expect("run the child process");
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    // What the child said, for a failure here or `--nocapture`.
+    eprint!("{err}");
+    assert!(
+        output.status.success(),
+        "{name} failed in its child process ({}):\n{out}\n{err}",
+        output.status
+    );
+    assert!(
+        out.contains("test result: ok. 1 passed"),
+        "{name}: the child process ran no test:\n{out}"
+    );
+}
+
+/// The descriptors this process has open, each with what it refers to (`socket:[inode]`,
+/// `anon_inode:[eventpoll]`, …); `None` without /proc.
+fn open_fds() -> Option<BTreeMap<u32, String>> {
+    let listing = std::fs::read_dir("/proc/self/fd").ok()?;
+    // The directory being listed is open too, only while it is listed.
+    let own = format!("/proc/{}/fd", std::process::id());
+    let mut fds = BTreeMap::new();
+    for entry in listing.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            let target = target.display().to_string();
+            if target != own {
+                fds.insert(fd, target);
+            }
+        }
+    }
+    Some(fds)
+}
+
+/// The descriptors open at some point of a scenario.
+#[derive(Debug)]
+struct Fds(Option<BTreeMap<u32, String>>);
+
+impl Fds {
+    /// Takes note of the descriptors open now (says so when it cannot).
+    fn now() -> Fds {
+        let fds = open_fds();
+        if fds.is_none() {
+            eprintln!("/proc/self/fd unavailable: descriptor checks skipped");
+        }
+        Fds(fds)
+    }
+
+    /// Waits (bounded by [`WAIT`]) until every descriptor open was already open when `self`
+    /// was taken: whatever the scenario opened since is closed, so the count is back to (or
+    /// below) what it was. No slack: the scenario runs alone in its process (see
+    /// [`run_isolated`]) after [`warm_up`], and a proxy on any runtime keeps nothing open once
+    /// it has stopped.
+    async fn assert_back(&self, what: &str) {
+        self.wait_for(what, "after the end", |new| new.is_empty())
+            .await;
+    }
+
+    /// While a proxy started since `self` still runs, with no connection: waits (bounded)
+    /// until the only socket opened since is still open is its listener. (Its runtime's own
+    /// descriptors, an epoll instance and a waker, are not sockets.) This sees a socket kept
+    /// by something that lives as long as the proxy, which stopping it would close.
+    async fn assert_only_listener(&self, what: &str) {
+        self.wait_for(what, "with the proxy idle", |new| {
+            new.iter().filter(|t| t.starts_with("socket:")).count() == 1
+        })
+        .await;
+    }
+
+    /// Polls until `ok` holds for the descriptors opened since `self` that are open now
+    /// (their targets). Polled: a closing descriptor has no event to await.
+    async fn wait_for(&self, what: &str, when: &str, ok: impl Fn(&[&String]) -> bool) {
+        let Some(before) = &self.0 else {
+            return;
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = open_fds().expect("list /proc/self/fd");
+            let new: Vec<&String> = now
+                .iter()
+                .filter(|(fd, target)| before.get(fd) != Some(*target))
+                .map(|(_, target)| target)
+                .collect();
+            if ok(&new) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: descriptors open {when}, {WAIT:?} on, that were not before: {new:?} \
+                 ({} open, {} before)",
+                now.len(),
+                before.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Starts a proxy on `rt`, has it answer one request (a 502: its upstream refuses) and stops
+/// it, so that what a runtime opens once per process and keeps (async-io's reactor behind smol
+/// and async-std, async-std's executor) is open before a scenario takes its [`Fds`].
+async fn warm_up(rt: Runtime) {
+    let refusing = refusing_port();
+    let proxy = start_proxy(rt, config_for(&[refusing.addr]));
+    let answer = get(proxy.addr, 0).await;
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    tokio::task::spawn_blocking(move || proxy.stop())
+        .await
+        .expect("stop the warm-up proxy");
 }
 
 /// One slow client: the head one byte at a time, every 50 ms (a complete head would take 2 s),
@@ -52,10 +239,13 @@ async fn get(addr: SocketAddr, i: usize) -> String {
 
 async fn slowloris_is_cut_off_and_starves_no_one(rt: Runtime) {
     const SLOW: usize = 50;
+    warm_up(rt).await;
     let origin = http_origin(Arc::new(|_: &SeenRequest| {
         Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
     }))
     .await;
+    // After the origin: its listener lives as long as the test's runtime.
+    let fds = Fds::now();
     let mut config = config_for(&[origin.addr]);
     config.timeouts.request_head = Duration::from_secs(1);
     let proxy = start_proxy(rt, config);
@@ -92,6 +282,7 @@ async fn slowloris_is_cut_off_and_starves_no_one(rt: Runtime) {
     tokio::task::spawn_blocking(move || proxy.stop())
         .await
         .expect("stop the proxy");
+    fds.assert_back("slowloris").await;
 }
 
 /// Writes `chunk` to `s` until a write makes no progress for `stall` (the peer stopped
@@ -118,6 +309,8 @@ async fn push_until_stalled(s: &mut TcpStream, stall: Duration, limit: u64) -> u
 async fn backpressure_stops_the_writer_both_ways(rt: Runtime) {
     const BOUND: u64 = 32 * 1024 * 1024;
     const PUSH: u64 = 1024 * 1024 * 1024;
+    warm_up(rt).await;
+    let fds = Fds::now();
     // A raw upstream: it answers the upgrade with a genuine 101, then writes until stalled.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -209,6 +402,7 @@ async fn backpressure_stops_the_writer_both_ways(rt: Runtime) {
     tokio::task::spawn_blocking(move || proxy.stop())
         .await
         .expect("stop the proxy");
+    fds.assert_back("backpressure").await;
 }
 
 /// Closes `s` with a reset (SO_LINGER 0), as a crashed peer does.
@@ -295,7 +489,9 @@ async fn faults_at_every_stage_are_contained(rt: Runtime) {
             "HTTP/1.1 504 ",
         ),
     ];
+    warm_up(rt).await;
     for (fault, request, answer) in cases {
+        let fds = Fds::now();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -398,9 +594,11 @@ async fn faults_at_every_stage_are_contained(rt: Runtime) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        fds.assert_only_listener(&format!("{fault:?}")).await;
         tokio::task::spawn_blocking(move || proxy.stop())
             .await
             .expect("stop the proxy");
+        fds.assert_back(&format!("{fault:?}")).await;
     }
 }
 
@@ -409,7 +607,9 @@ async fn faults_at_every_stage_are_contained(rt: Runtime) {
 /// left behind.
 async fn client_resets_are_contained(rt: Runtime) {
     use proxy_core::CloseReason;
+    warm_up(rt).await;
     for stage in ["request body", "response", "tunnel"] {
+        let fds = Fds::now();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -496,8 +696,10 @@ async fn client_resets_are_contained(rt: Runtime) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        fds.assert_only_listener(stage).await;
         tokio::task::spawn_blocking(move || proxy.stop())
             .await
             .expect("stop the proxy");
+        fds.assert_back(stage).await;
     }
 }
