@@ -35,6 +35,7 @@ runtime_tests!(
     upstream_tls_verifies_and_reuses_connections,
     upstream_tls_with_the_wrong_ca_is_a_502,
     health_checks_speak_tls_and_mark_a_bad_certificate_down,
+    large_bodies_both_ways_and_a_close_after_the_last_byte,
 );
 
 /// A throwaway certificate authority.
@@ -676,6 +677,105 @@ async fn health_checks_speak_tls_and_mark_a_bad_certificate_down(rt: Runtime) {
         bad_accepted.load(Ordering::SeqCst),
         0,
         "no handshake with it ever completed"
+    );
+    proxy.stop();
+}
+
+/// 4 MiB up and 16 MiB down through the TLS layer by a client that half-closes after its request:
+/// the proxy closes only once the last record is on the wire, so the client gets every byte and
+/// then the end (a send reported before its records were written would cut the tail).
+async fn large_bodies_both_ways_and_a_close_after_the_last_byte(rt: Runtime) {
+    const SIZE: usize = 4 << 20;
+    // More than a loopback socket buffers, so the response's tail is still in the proxy.
+    const DOWN: usize = 16 << 20;
+    let ca = Ca::new("bodies CA");
+    let origin = http_origin(Arc::new(|req: &SeenRequest| {
+        let sum: u64 = req.body.iter().map(|b| u64::from(*b)).sum();
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Sum: {sum}\r\nConnection: close\r\n\r\n",
+            DOWN
+        )
+        .into_bytes();
+        response.extend((0..DOWN).map(|i| (i % 251) as u8));
+        Some(response)
+    }))
+    .await;
+    let mut config = config_for(&[origin.addr]);
+    config.limits.max_body = 2 * SIZE as u64;
+    let proxy = start_proxy_with(
+        rt,
+        config,
+        ProxyOptions {
+            tls_listener: Some(server_tls(&[ca.leaf(&["big.test"])])),
+            ..ProxyOptions::default()
+        },
+    );
+    // A small receive buffer keeps the proxy's socket full, so records are still waiting in
+    // its TLS layer when the response's last byte has been handed to it.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let tcp = socket.connect(proxy.addr).await.expect("connect");
+    let name = ServerName::try_from("big.test").expect("name");
+    let mut tls = tokio::time::timeout(WAIT, ca.client().connect(name, tcp))
+        .await
+        .expect("handshake within WAIT")
+        .expect("handshake");
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let sum: u64 = body.iter().map(|b| u64::from(*b)).sum();
+    let head = format!(
+        "POST /up HTTP/1.1\r\nHost: big.test\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n"
+    );
+    let mut received = Vec::new();
+    let (wrote, read) = tokio::time::timeout(WAIT, async {
+        let (mut rd, mut wr) = tokio::io::split(&mut tls);
+        let write = async {
+            wr.write_all(head.as_bytes()).await?;
+            wr.write_all(&body).await?;
+            // Half-close (close_notify, FIN): the proxy then closes as soon as the response is
+            // out, with no linger to hide records it had not yet written.
+            wr.shutdown().await
+        };
+        let read = async {
+            // Read nothing for a while: the proxy's socket fills, and the end of the response
+            // waits in its TLS layer. (A pause that creates the condition, not a wait for a
+            // result: the outcome must be the same however long it is.)
+            let mut first = [0u8; 1];
+            rd.read_exact(&mut first).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            received.push(first[0]);
+            rd.read_to_end(&mut received).await
+        };
+        tokio::join!(write, read)
+    })
+    .await
+    .expect("exchange within WAIT");
+    wrote.expect("request written");
+    assert!(
+        read.is_ok(),
+        "the response ended cleanly (close_notify): {read:?}"
+    );
+    let end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&received[..end]);
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains(&format!("X-Sum: {sum}")),
+        "the origin got every byte: {head}"
+    );
+    assert_eq!(
+        received.len() - end,
+        SIZE,
+        "every byte of the body, then the end"
+    );
+    assert!(
+        received[end..]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 251) as u8),
+        "the body arrived unchanged"
     );
     proxy.stop();
 }
