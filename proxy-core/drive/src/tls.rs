@@ -734,6 +734,18 @@ impl<S: Socket> TlsStream<S> {
         if !self.conn.wants_write() {
             sent = std::mem::take(&mut self.unreported);
             self.finish_shutdown();
+        } else if self.unreported > 0 {
+            // The socket is full. Part of what was taken is out already: at most
+            // `tls_bytes_to_write` plaintext bytes can still be inside, each record being its
+            // plaintext and some overhead. Reporting the rest keeps a slow peer's stream moving
+            // instead of stopping until rustls is empty.
+            let state = self
+                .conn
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.buffered |= state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
+            sent = self.unreported.saturating_sub(state.tls_bytes_to_write());
+            self.unreported -= sent;
         }
         Ok(TlsFlush { taken, sent, full })
     }
@@ -842,5 +854,181 @@ impl<S: Socket> Stream<S> {
     /// rustls or on the socket.
     pub(crate) fn idle_and_open(&self) -> bool {
         !self.has_buffered_input() && crate::sys::idle_and_open(self.socket())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::net::{TcpListener, TcpStream};
+    use std::task::Waker;
+
+    /// A non-blocking std socket that is always "ready": every syscall is simply tried.
+    struct Plain(TcpStream);
+
+    impl std::os::fd::AsFd for Plain {
+        fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+            self.0.as_fd()
+        }
+    }
+
+    impl Socket for Plain {
+        fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+        fn poll_write_ready(&self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+        fn try_io<T>(&self, _: Direction, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+            op()
+        }
+    }
+
+    /// A connected server/client pair over loopback, handshake done.
+    fn pair() -> (TlsStream<Plain>, TlsStream<Plain>) {
+        let key = rcgen_free_certificate();
+        let server = ServerTls::new(vec![key.0]).expect("server settings");
+        let client = ClientTls::with_ca(Verify::Roots, vec![(PathBuf::from("ca"), key.1)])
+            .expect("client settings");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (b, _) = listener.accept().expect("accept");
+        for s in [&a, &b] {
+            s.set_nonblocking(true).expect("non-blocking");
+            s.set_nodelay(true).expect("no Nagle");
+        }
+        let mut c = TlsStream::connect(Plain(a), client.config, "flush.test").expect("client");
+        let mut s = TlsStream::accept(Plain(b), server.config).expect("server");
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..1000 {
+            let done_c = c.poll_handshake(&mut cx).is_ready();
+            let done_s = s.poll_handshake(&mut cx).is_ready();
+            if done_c && done_s && !c.conn.is_handshaking() && !s.conn.is_handshaking() {
+                return (s, c);
+            }
+        }
+        panic!("handshake did not complete");
+    }
+
+    /// A self-signed certificate for `flush.test`, made now.
+    fn rcgen_free_certificate() -> (TlsCertificate, CertificateDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["flush.test".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let pem = cert.pem();
+        let c = TlsCertificate::from_pem(
+            pem.as_bytes(),
+            key.serialize_pem().as_bytes(),
+            "c".as_ref(),
+            "k".as_ref(),
+        )
+        .expect("certificate loads");
+        (c, cert.der().clone())
+    }
+
+    /// Plaintext taken by rustls is reported as sent only once all its records are written: a
+    /// close that follows a report never cuts records still waiting in the TLS layer.
+    #[test]
+    fn flush_reports_sends_only_when_the_records_are_on_the_wire() {
+        let (mut server, mut client) = pair();
+        let _ = SockRef::from(&server.socket.0).set_send_buffer_size(4096);
+        let mut queue = Outbox::default();
+        // More than the kernel holds between the two sockets (the client's receive buffer
+        // starts near 128 KiB), so the server's socket does fill.
+        let total = 4 << 20;
+        queue.push(Bytes::from(vec![7u8; total]));
+        let (mut taken, mut sent) = (0, 0);
+        // The client does not read: the socket fills, rustls holds records, nothing is "sent"
+        // that is still inside the TLS layer.
+        for _ in 0..1000 {
+            let step = server.flush(&queue).expect("flush");
+            queue.consume(step.taken);
+            taken += step.taken;
+            sent += step.sent;
+            if step.full && step.taken == 0 {
+                break;
+            }
+        }
+        assert!(taken > 0, "rustls took plaintext");
+        assert!(server.conn.wants_write(), "records wait in the TLS layer");
+        let inside = server
+            .conn
+            .process_new_packets()
+            .expect("state")
+            .tls_bytes_to_write();
+        assert!(server.unreported > 0 && sent + server.unreported == taken);
+        assert!(
+            server.unreported <= inside,
+            "never more reported than is out: {} unreported, {inside} bytes of records inside",
+            server.unreported
+        );
+        // The client reads everything; the server writes the rest and reports exactly it all.
+        let mut got = 0;
+        for _ in 0..1_000_000 {
+            match client.read() {
+                Ok(ReadOutcome::Data { bytes, .. }) => {
+                    assert!(bytes.iter().all(|b| *b == 7));
+                    got += bytes.len();
+                }
+                Ok(ReadOutcome::Eof) => panic!("early end"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("client read: {e}"),
+            }
+            let step = server.flush(&queue).expect("flush");
+            queue.consume(step.taken);
+            taken += step.taken;
+            sent += step.sent;
+            if got == total {
+                break;
+            }
+        }
+        assert_eq!(got, total, "every byte arrived");
+        assert_eq!(taken, total);
+        assert_eq!(sent, total, "and every byte was reported sent, once");
+        assert!(!server.conn.wants_write() && server.unreported == 0);
+    }
+
+    /// A read that fills the thread's buffer leaves the rest in rustls and says so, so the loop
+    /// reads again without waiting for the socket (which may have nothing more to say).
+    #[test]
+    fn plaintext_left_in_rustls_is_read_without_the_socket() {
+        let (mut server, mut client) = pair();
+        let total = 3 * crate::sys::READ_CHUNK;
+        let mut queue = Outbox::default();
+        queue.push(Bytes::from(vec![1u8; total]));
+        for _ in 0..10_000 {
+            let step = client.flush(&queue).expect("client writes");
+            queue.consume(step.taken);
+            if queue.is_empty() && !client.conn.wants_write() {
+                break;
+            }
+        }
+        assert!(queue.is_empty(), "the client wrote it all");
+        let mut got = 0;
+        let mut saw_buffered = false;
+        for _ in 0..10_000 {
+            match server.read() {
+                Ok(ReadOutcome::Data { bytes, drained }) => {
+                    got += bytes.len();
+                    if server.buffered {
+                        saw_buffered = true;
+                        assert!(!drained, "plaintext inside rustls is not a drained socket");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => panic!("server read: {other:?}"),
+            }
+            if got == total {
+                break;
+            }
+        }
+        assert_eq!(got, total);
+        assert!(
+            saw_buffered,
+            "some read stopped with plaintext still in rustls"
+        );
     }
 }
