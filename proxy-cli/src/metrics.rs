@@ -28,7 +28,15 @@ const REFUSALS: [&str; 5] = [
     "protocol_mismatch",
 ];
 
-const FAILURE_CAUSES: [&str; 6] = ["refused", "dns", "unreachable", "timeout", "tls", "other"];
+const FAILURE_CAUSES: [&str; 7] = [
+    "refused",
+    "dns",
+    "unreachable",
+    "timeout",
+    "tls",
+    "local",
+    "other",
+];
 
 const TUNNEL_ENDS: [&str; 9] = [
     "client_closed",
@@ -178,6 +186,12 @@ impl Metrics {
             stats.refused().to_string(),
         );
         one(
+            "switchyard_accept_errors_total",
+            "counter",
+            "Accepts that failed (out of file descriptors, say); each is retried after 50 ms.",
+            stats.accept_errors().to_string(),
+        );
+        one(
             "switchyard_connections_open",
             "gauge",
             "Client connections open now.",
@@ -319,7 +333,8 @@ fn failure_index(cause: ConnectError) -> usize {
         ConnectError::Unreachable => 2,
         ConnectError::TimedOut => 3,
         ConnectError::Tls => 4,
-        _ => 5,
+        ConnectError::Local => 5,
+        _ => 6,
     }
 }
 

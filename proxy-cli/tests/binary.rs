@@ -826,7 +826,10 @@ fn probe_diagnoses_each_kind_of_failure() {
     assert_eq!(code, Some(4), "{out}");
     let (code, out) = probe("https://127.0.0.1:1/", &[]);
     assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("wss://"), "an https URL gets the wss one suggested: {out}");
+    assert!(
+        out.contains("wss://"),
+        "an https URL gets the wss one suggested: {out}"
+    );
 }
 
 // ---- C: check-config ----

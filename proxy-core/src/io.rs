@@ -133,6 +133,11 @@ pub enum ConnectError {
     /// no TLS, or it refused ours).
     #[error("TLS handshake failed")]
     Tls,
+    /// The proxy itself could not open a connection (out of file descriptors or buffer
+    /// space): not the server's fault, so it is not marked failed and no other server is
+    /// tried; the client gets a 503.
+    #[error("no local resources for a connection (too many open files?)")]
+    Local,
     /// Any other failure while connecting.
     #[error("connect failed")]
     Other,

@@ -203,3 +203,46 @@ fn a_dropped_session_gives_its_slot_back() {
     drop(sim);
     assert_eq!(balancer.active(0, 0), 0);
 }
+
+/// A connect the proxy itself could not make (no descriptors left) is a 503, tries no other
+/// server (it would fail the same way), and does not mark the server failed: round robin still
+/// hands it out. A refused connect, for contrast, does mark it.
+#[test]
+fn a_local_failure_is_503_and_marks_no_server() {
+    let picks = |sim: &Sim| -> Vec<u16> {
+        let config = Config::new(group(2));
+        (0..4)
+            .filter_map(|_| {
+                sim.balancer.pick(
+                    &config,
+                    0,
+                    &proxy_core::Choice {
+                        client: "127.0.0.1".parse().expect("ip"),
+                        key: None,
+                        tried: &[],
+                        now: sim.now,
+                    },
+                )
+            })
+            .collect()
+    };
+    let mut s = sim(group(2));
+    s.client(GET);
+    s.connect_failed(ConnectError::Local);
+    assert_eq!(s.chosen().len(), 1, "no other server tried");
+    let out = s.take_client();
+    assert!(
+        out.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{out}"
+    );
+    assert_eq!(
+        s.events[0].close,
+        Some(CloseReason::ConnectFailed(ConnectError::Local))
+    );
+    assert!(picks(&s).contains(&0), "the server is still handed out");
+
+    let mut s = sim(group(2));
+    s.client(GET);
+    s.connect_failed(ConnectError::Refused);
+    assert!(!picks(&s).contains(&0), "a refused server is marked failed");
+}

@@ -4,7 +4,8 @@
 //!   the descriptor table is full, the proxy's `accept` fails with `EMFILE` while connections
 //!   wait in its backlog. The proxy must neither die nor spin (its accept loop backs off
 //!   50 ms after an accept error), must go on serving the tunnels it has, answer a request
-//!   that needs a new upstream connection with a clean 502, and, once held connections are
+//!   that needs a new upstream connection with a clean 503 (the proxy's own trouble, not the
+//!   server's: it is not marked failed), and, once held connections are
 //!   closed, accept the waiting connections and serve them and new ones in full.
 //! * `ten_thousand_idle_websockets`: N idle WebSocket tunnels through one proxy process (a
 //!   child process, so that its memory and descriptors are its own), with the proxy's resident
@@ -184,6 +185,10 @@ async fn accept_recovers_after_descriptor_exhaustion(rt: Runtime) {
         "{rt:?}: a connection was accepted with the descriptor table full"
     );
     assert_eq!(proxy.stats.connections(), HELD + 1);
+    assert!(
+        proxy.stats.accept_errors() > 0,
+        "{rt:?}: the failed accepts are counted"
+    );
     // A request needing a new upstream connection: the proxy cannot make its socket and says so.
     plain
         .write_all(b"GET /needs-upstream HTTP/1.1\r\nHost: switchyard.test\r\n\r\n")
@@ -192,7 +197,7 @@ async fn accept_recovers_after_descriptor_exhaustion(rt: Runtime) {
     let answer = read_to_close(&mut plain).await;
     assert_eq!(
         String::from_utf8_lossy(&answer),
-        String::from_utf8_lossy(&proxy_error(502, "Bad Gateway")),
+        String::from_utf8_lossy(&proxy_error(503, "Service Unavailable")),
         "{rt:?}: a request needing an upstream socket while none can be made"
     );
 

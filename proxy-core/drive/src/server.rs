@@ -139,6 +139,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after an accept error such as `EMFILE`, instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// At most one warning per listener this often while accepts keep failing.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Accepts per wakeup of an accept loop before it yields.
 const ACCEPTS_PER_POLL: usize = 64;
 
@@ -244,6 +247,8 @@ async fn accept_loop<R: Runtime>(
     let mut stopped = std::pin::pin!(shared.shutdown.triggered());
     let mut removed = std::pin::pin!(removed.triggered());
     let mut backoff: Option<R::Timer> = None;
+    let mut last_warn: Option<Instant> = None;
+    let mut suppressed = 0u64;
     poll_fn(|cx| {
         if stopped.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
@@ -261,8 +266,21 @@ async fn accept_loop<R: Runtime>(
                 // The peer gave up before we accepted: nothing to do.
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Poll::Ready(Err(e)) => {
-                    // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning on the error, and say so
+                    // once per period, not twenty times a second.
+                    shared.options.stats.count_accept_error();
+                    let now = Instant::now();
+                    if last_warn.is_none_or(|t| now.saturating_duration_since(t) >= WARN_EVERY) {
+                        tracing::warn!(
+                            error = %e,
+                            suppressed,
+                            "accept failed; retrying every {ACCEPT_BACKOFF:?}"
+                        );
+                        last_warn = Some(now);
+                        suppressed = 0;
+                    } else {
+                        suppressed += 1;
+                    }
                     let mut timer = shared.rt.timer();
                     timer.reset(Instant::now() + ACCEPT_BACKOFF);
                     if timer.poll_fired(cx).is_pending() {

@@ -188,6 +188,7 @@ pub struct Stats {
     pool_hits: AtomicU64,
     pool_misses: AtomicU64,
     refused: AtomicU64,
+    accept_errors: AtomicU64,
     tls: [AtomicU64; 4],
     tls_in_flight: AtomicUsize,
     zero: Event,
@@ -280,6 +281,15 @@ impl Stats {
     /// Connections closed at accept because a connection limit was reached.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Accepts that failed (e.g. out of file descriptors), since start.
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Client TLS handshakes that ended as `outcome`, since start.

@@ -216,6 +216,9 @@ pub(crate) fn connect_result<S: Socket>(socket: &S) -> io::Result<()> {
 /// Classifies a failed connect by the error's kind. (Name resolution failures never get here:
 /// they are classified where they happen, as [`ConnectError::Resolve`].)
 pub(crate) fn connect_error(e: &io::Error) -> ConnectError {
+    if is_local_exhaustion(e) {
+        return ConnectError::Local;
+    }
     match e.kind() {
         io::ErrorKind::ConnectionRefused => ConnectError::Refused,
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
@@ -223,6 +226,20 @@ pub(crate) fn connect_error(e: &io::Error) -> ConnectError {
         }
         _ => ConnectError::Other,
     }
+}
+
+/// Whether `e` says this process (or machine) is out of what a socket needs.
+#[cfg(unix)]
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+#[cfg(not(unix))]
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::OutOfMemory
 }
 
 #[cfg(test)]
@@ -238,5 +255,8 @@ mod tests {
         // A message that merely mentions a lookup is not a resolution failure.
         let other = io::Error::other("failed to lookup address information");
         assert_eq!(connect_error(&other), ConnectError::Other);
+        // Out of descriptors is the proxy's own trouble, not the server's.
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(connect_error(&emfile), ConnectError::Local);
     }
 }

@@ -256,12 +256,17 @@ impl Exchange {
         cx.drop_upstream(up);
         cx.timers.stop(Timer::Connect);
         let config = Arc::clone(&cx.config);
-        cx.balancer.failed(&config, group, server, cx.now);
         cx.emit(Event::UpstreamFailed {
             peer: failed_peer.clone(),
             cause: why,
         });
         self.record.log.upstream_failures.push((failed_peer, why));
+        if why == ConnectError::Local {
+            // The proxy is out of sockets: another server would fail the same way, and this
+            // one did nothing wrong.
+            return Next::Fail(503, CloseReason::ConnectFailed(why));
+        }
+        cx.balancer.failed(&config, group, server, cx.now);
         let f = &mut self.http.failover;
         f.tried.push(server);
         let next = config.group(group).and_then(|g| {
