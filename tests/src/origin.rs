@@ -16,7 +16,8 @@ pub async fn ws_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("echo address");
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let stream = accept(&listener).await;
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
@@ -111,7 +112,8 @@ pub async fn http_origin(respond: Responder) -> Origin {
     let connections = Arc::new(AtomicUsize::new(0));
     let (reqs, conns) = (Arc::clone(&requests), Arc::clone(&connections));
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let stream = accept(&listener).await;
             let n = conns.fetch_add(1, Ordering::SeqCst);
             let (reqs, respond) = (Arc::clone(&reqs), Arc::clone(&respond));
             tokio::spawn(async move {
@@ -302,7 +304,8 @@ pub async fn http_fixed(body: &'static str) -> SocketAddr {
     .into_bytes()
     .leak();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        loop {
+            let mut stream = accept(&listener).await;
             tokio::spawn(async move {
                 let mut buf = BytesMut::with_capacity(4096);
                 loop {
@@ -321,4 +324,16 @@ pub async fn http_fixed(body: &'static str) -> SocketAddr {
         }
     });
     addr
+}
+
+/// The next connection. An accept error (a test that exhausts descriptors on purpose) is
+/// retried after a pause instead of ending the server, which lives as long as the test's
+/// runtime.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
 }
