@@ -15,6 +15,13 @@
 //!   so the tunnel is fully established, prints `OPEN ...`, and then holds them, doing nothing,
 //!   until its stdin closes.
 //!
+//! With `--tls-ca FILE` every mode runs over TLS (`wss://`): each connection is a full TLS
+//! handshake with the client settings of [`crate::tls`], trusting the certificate in `FILE`,
+//! before the upgrade. The plain and the TLS client are two implementations of [`Dial`], and every
+//! mode is generic over it, so the plain modes stay plain `TcpStream` code (no boxing, no
+//! dispatch; the one addition is a `flush` after each write, which is a no-op on TCP).
+//! A TLS run also prints `TLS <version> <suite> <group>`, what its first connection negotiated.
+//!
 //! Correctness: every echo is compared byte for byte with the expected frame (header included),
 //! whose payload starts with the message's sequence number, so lost, duplicated, reordered or
 //! corrupted messages are all errors. A worker that hits an error stops and the error is
@@ -25,18 +32,24 @@
 //! time and the units cover exactly the same interval. The result is one `RESULT ...` line on
 //! stdout (see [`LoadResult`]); the process then exits, which drops every connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
-use crate::procfs;
 use crate::ws::{self, ClientFrame};
+use crate::{procfs, tls};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,6 +94,113 @@ pub struct LoadArgs {
     /// Pids whose CPU time is read at the edges of the window.
     #[arg(long)]
     pub watch: Vec<u32>,
+    /// Speak TLS (`wss://`), trusting the certificate in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// How the load generator reaches the target: plain TCP, or TLS over TCP.
+trait Dial: Clone + Send + Sync + 'static {
+    /// A connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Its reading half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// Its writing half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+
+    /// Connects to `addr` (TLS: and completes the handshake), `TCP_NODELAY` on.
+    fn dial(&self, addr: SocketAddr) -> impl Future<Output = anyhow::Result<Self::Stream>> + Send;
+
+    /// Splits a connection for a writer and a reader task.
+    fn split(s: Self::Stream) -> (Self::Read, Self::Write);
+
+    /// What the TLS handshakes negotiated, once one has completed.
+    fn negotiated(&self) -> Option<String>;
+}
+
+/// Plain TCP (`ws://`).
+#[derive(Debug, Clone, Copy)]
+struct Plain;
+
+impl Dial for Plain {
+    type Stream = TcpStream;
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+
+    async fn dial(&self, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+        let s = TcpStream::connect(addr).await.context("connect")?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    fn split(s: TcpStream) -> (OwnedReadHalf, OwnedWriteHalf) {
+        s.into_split()
+    }
+
+    fn negotiated(&self) -> Option<String> {
+        None
+    }
+}
+
+/// TLS over TCP (`wss://`) with the client settings of [`crate::tls`]: a full handshake per
+/// connection (no resumption), the certificate verified, ALPN `http/1.1` required.
+#[derive(Clone)]
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+    /// What the first handshake negotiated.
+    seen: Arc<OnceLock<String>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    fn new(ca: &std::path::Path) -> anyhow::Result<Tls> {
+        Ok(Tls {
+            connector: TlsConnector::from(tls::client_config(ca)?),
+            name: tls::server_name()?,
+            seen: Arc::new(OnceLock::new()),
+        })
+    }
+}
+
+impl Dial for Tls {
+    type Stream = TlsStream<TcpStream>;
+    type Read = tokio::io::ReadHalf<TlsStream<TcpStream>>;
+    type Write = tokio::io::WriteHalf<TlsStream<TcpStream>>;
+
+    async fn dial(&self, addr: SocketAddr) -> anyhow::Result<TlsStream<TcpStream>> {
+        let tcp = Plain.dial(addr).await?;
+        let s = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .context("TLS handshake")?;
+        let (_, conn) = s.get_ref();
+        anyhow::ensure!(
+            conn.alpn_protocol() == Some(tls::ALPN),
+            "the server chose ALPN {:?}, not http/1.1",
+            conn.alpn_protocol().map(String::from_utf8_lossy)
+        );
+        if self.seen.get().is_none() {
+            let _ = self.seen.set(tls::negotiated(conn));
+        }
+        Ok(s)
+    }
+
+    fn split(s: Self::Stream) -> (Self::Read, Self::Write) {
+        tokio::io::split(s)
+    }
+
+    fn negotiated(&self) -> Option<String> {
+        self.seen.get().cloned()
+    }
 }
 
 /// What a load run reports, as one `RESULT` line.
@@ -187,12 +307,19 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the load runtime")?;
     rt.block_on(async move {
-        match args.mode {
-            Mode::Idle => idle(&args).await,
-            Mode::Handshakes if args.count.is_some() => counted_handshakes(&args).await,
-            _ => timed(&args).await,
+        match &args.tls_ca {
+            None => run_mode(&args, Plain).await,
+            Some(ca) => run_mode(&args, Tls::new(ca)?).await,
         }
     })
+}
+
+async fn run_mode<D: Dial>(args: &LoadArgs, dial: D) -> anyhow::Result<()> {
+    match args.mode {
+        Mode::Idle => idle(args, dial).await,
+        Mode::Handshakes if args.count.is_some() => counted_handshakes(args, dial).await,
+        _ => timed(args, dial).await,
+    }
 }
 
 /// The result of a measured window: `units` done in `window`, and the CPU ticks of the watched
@@ -221,12 +348,15 @@ fn window_result(
     })
 }
 
-/// Prints the first error (if any) and the result line.
-fn report(shared: &Shared, result: &LoadResult) {
+/// Prints the first error (if any), what TLS negotiated (if anything), and the result line.
+fn report(shared: &Shared, dial: &impl Dial, result: &LoadResult) {
     if let Ok(first) = shared.first_error.lock() {
         if let Some(e) = first.as_ref() {
             println!("ERROR {}", e.replace('\n', " "));
         }
+    }
+    if let Some(tls) = dial.negotiated() {
+        println!("TLS {tls}");
     }
     println!("{}", result.to_line());
 }
@@ -240,7 +370,7 @@ fn ticks(watch: &[u32]) -> anyhow::Result<(Vec<u64>, u64)> {
     Ok((watched, procfs::cpu_ticks(std::process::id())?))
 }
 
-async fn timed(args: &LoadArgs) -> anyhow::Result<()> {
+async fn timed<D: Dial>(args: &LoadArgs, dial: D) -> anyhow::Result<()> {
     let shared = Shared::new(args.conns);
     let host = args.addr.to_string();
     let upgrade = Arc::new(ws::upgrade_request(&host));
@@ -248,7 +378,8 @@ async fn timed(args: &LoadArgs) -> anyhow::Result<()> {
     let mut streams = Vec::with_capacity(args.conns);
     if args.mode != Mode::Handshakes {
         for _ in 0..args.conns {
-            let s = tokio::time::timeout(Duration::from_secs(10), connect_ws(args.addr, &upgrade))
+            let open = connect_ws(&dial, args.addr, &upgrade);
+            let s = tokio::time::timeout(Duration::from_secs(10), open)
                 .await
                 .context("opening a connection took over 10 s")?
                 .context("opening a connection")?;
@@ -269,15 +400,15 @@ async fn timed(args: &LoadArgs) -> anyhow::Result<()> {
         }
         Mode::Stream => {
             for (i, s) in streams.into_iter().enumerate() {
-                stream(s, i, args.size, args.inflight, &shared);
+                stream::<D>(s, i, args.size, args.inflight, &shared);
             }
         }
         Mode::Handshakes => {
             for i in 0..args.conns {
                 let shared = Arc::clone(&shared);
-                let (addr, upgrade) = (args.addr, Arc::clone(&upgrade));
+                let (dial, addr, upgrade) = (dial.clone(), args.addr, Arc::clone(&upgrade));
                 tokio::spawn(async move {
-                    let r = handshakes(addr, &upgrade, i, &shared.units[i], None).await;
+                    let r = handshakes(&dial, addr, &upgrade, i, &shared.units[i], None).await;
                     if let Err(e) = r {
                         shared.error(&e);
                     }
@@ -303,12 +434,12 @@ async fn timed(args: &LoadArgs) -> anyhow::Result<()> {
         stalled,
         window,
     )?;
-    report(&shared, &result);
+    report(&shared, &dial, &result);
     Ok(())
 }
 
 /// `--count` handshakes in total, as fast as `conns` workers go; bounded by 300 s.
-async fn counted_handshakes(args: &LoadArgs) -> anyhow::Result<()> {
+async fn counted_handshakes<D: Dial>(args: &LoadArgs, dial: D) -> anyhow::Result<()> {
     let total = args.count.unwrap_or(0);
     let shared = Shared::new(args.conns);
     let upgrade = Arc::new(ws::upgrade_request(&args.addr.to_string()));
@@ -319,9 +450,10 @@ async fn counted_handshakes(args: &LoadArgs) -> anyhow::Result<()> {
     for i in 0..args.conns {
         let shared = Arc::clone(&shared);
         let (addr, upgrade, tickets) = (args.addr, Arc::clone(&upgrade), Arc::clone(&tickets));
+        let dial = dial.clone();
         set.spawn(async move {
             let quota = Some((&*tickets, total));
-            if let Err(e) = handshakes(addr, &upgrade, i, &shared.units[i], quota).await {
+            if let Err(e) = handshakes(&dial, addr, &upgrade, i, &shared.units[i], quota).await {
                 shared.error(&e);
             }
         });
@@ -336,12 +468,12 @@ async fn counted_handshakes(args: &LoadArgs) -> anyhow::Result<()> {
     let window = t0.elapsed();
     let units: u64 = shared.snapshot().iter().sum();
     let result = window_result(&shared, &args.watch, (&watch0, self0), units, 0, window)?;
-    report(&shared, &result);
+    report(&shared, &dial, &result);
     Ok(())
 }
 
 /// Opens `conns` upgraded connections with one echo each, reports, and holds them.
-async fn idle(args: &LoadArgs) -> anyhow::Result<()> {
+async fn idle<D: Dial>(args: &LoadArgs, dial: D) -> anyhow::Result<()> {
     let shared = Shared::new(1);
     let upgrade = Arc::new(ws::upgrade_request(&args.addr.to_string()));
     let gate = Arc::new(Semaphore::new(64));
@@ -349,13 +481,15 @@ async fn idle(args: &LoadArgs) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..args.conns {
         let (addr, upgrade, gate) = (args.addr, Arc::clone(&upgrade), Arc::clone(&gate));
+        let dial = dial.clone();
         set.spawn(async move {
             let _permit = gate.acquire().await.context("gate closed")?;
             let open = async {
-                let mut s = connect_ws(addr, &upgrade).await?;
+                let mut s = connect_ws(&dial, addr, &upgrade).await?;
                 let mut frame = ClientFrame::new(256, i);
                 frame.set_seq(i as u64);
                 s.write_all(frame.wire()).await?;
+                s.flush().await?;
                 let mut echo = vec![0; frame.echo().len()];
                 s.read_exact(&mut echo).await?;
                 anyhow::ensure!(echo == frame.echo(), "echo mismatch");
@@ -398,10 +532,17 @@ async fn idle(args: &LoadArgs) -> anyhow::Result<()> {
 }
 
 /// Connects and upgrades; checks the `101` and its accept value. Nothing may follow the head.
-async fn connect_ws(addr: SocketAddr, upgrade: &[u8]) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.context("connect")?;
-    s.set_nodelay(true)?;
+///
+/// Every write is followed by a flush: a no-op on TCP, but a TLS stream may keep the tail of a
+/// write in its buffer when the socket is full, and a peer waiting for it would wait forever.
+async fn connect_ws<D: Dial>(
+    dial: &D,
+    addr: SocketAddr,
+    upgrade: &[u8],
+) -> anyhow::Result<D::Stream> {
+    let mut s = dial.dial(addr).await?;
     s.write_all(upgrade).await.context("writing the upgrade")?;
+    s.flush().await.context("writing the upgrade")?;
     let mut buf = [0u8; 2048];
     let mut len = 0;
     loop {
@@ -444,7 +585,7 @@ async fn connect_ws(addr: SocketAddr, upgrade: &[u8]) -> anyhow::Result<TcpStrea
 const SERVER_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 async fn ping_pong(
-    mut s: TcpStream,
+    mut s: impl AsyncRead + AsyncWrite + Unpin,
     index: usize,
     size: usize,
     units: &AtomicU64,
@@ -454,6 +595,7 @@ async fn ping_pong(
     for seq in 0u64.. {
         frame.set_seq(seq);
         s.write_all(frame.wire()).await.context("write")?;
+        s.flush().await.context("write")?;
         s.read_exact(&mut echo).await.context("read")?;
         anyhow::ensure!(echo == frame.echo(), "echo of message {seq} differs");
         units.fetch_add(1, Ordering::Relaxed);
@@ -462,8 +604,8 @@ async fn ping_pong(
 }
 
 /// Starts the writer and reader tasks of one pipelined connection.
-fn stream(s: TcpStream, index: usize, size: usize, inflight: usize, shared: &Arc<Shared>) {
-    let (r, mut w) = s.into_split();
+fn stream<D: Dial>(s: D::Stream, index: usize, size: usize, inflight: usize, shared: &Arc<Shared>) {
+    let (r, mut w) = D::split(s);
     let window = Arc::new(Semaphore::new(inflight));
     {
         let (window, shared) = (Arc::clone(&window), Arc::clone(shared));
@@ -474,6 +616,7 @@ fn stream(s: TcpStream, index: usize, size: usize, inflight: usize, shared: &Arc
                     window.acquire().await.context("window closed")?.forget();
                     frame.set_seq(seq);
                     w.write_all(frame.wire()).await.context("write")?;
+                    w.flush().await.context("write")?;
                 }
                 anyhow::Ok(())
             };
@@ -504,7 +647,12 @@ fn stream(s: TcpStream, index: usize, size: usize, inflight: usize, shared: &Arc
 }
 
 /// Handshake cycles until the runtime stops (timed) or the shared quota is used up.
-async fn handshakes(
+///
+/// Over TLS, the end of the stream may come without a `close_notify` alert: browsers accept
+/// that, and so does this client (tokio-rustls reports it as `UnexpectedEof`, which plain TCP
+/// never does).
+async fn handshakes<D: Dial>(
+    dial: &D,
     addr: SocketAddr,
     upgrade: &[u8],
     index: usize,
@@ -520,8 +668,9 @@ async fn handshakes(
                 return Ok(());
             }
         }
-        let mut s = connect_ws(addr, upgrade).await?;
+        let mut s = connect_ws(dial, addr, upgrade).await?;
         s.write_all(&close).await.context("writing the close")?;
+        s.flush().await.context("writing the close")?;
         s.read_exact(&mut reply)
             .await
             .context("reading the close")?;
@@ -529,7 +678,10 @@ async fn handshakes(
             reply == ws::SERVER_CLOSE_1000,
             "close answered with {reply:02x?}"
         );
-        let n = s.read(&mut rest).await.context("reading EOF")?;
+        let n = match s.read(&mut rest).await {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            r => r.context("reading EOF")?,
+        };
         anyhow::ensure!(n == 0, "{n} bytes after the close");
         units.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,9 +1,10 @@
 //! `compare`: switchyard end to end, beside nginx and HAProxy, on one core each.
 //!
 //! ```sh
-//! cargo run --release -p switchyard-benches --bin compare -- --quick            # ~2 minutes
-//! cargo run --release -p switchyard-benches --bin compare                        # ~10 minutes
+//! cargo run --release -p switchyard-benches --bin compare -- --quick            # ~2.5 minutes
+//! cargo run --release -p switchyard-benches --bin compare                        # ~14 minutes
 //! cargo run --release -p switchyard-benches --bin compare -- --write-results --label "after: abc1234"
+//! cargo run --release -p switchyard-benches --bin compare -- --quick --scenarios wss-handshakes,wss-stream
 //! ```
 //!
 //! A manual instrument, not a test: it needs `nginx`, `haproxy` and `wrk` on `PATH` (a missing
@@ -39,6 +40,7 @@
 //! * [`backend`] — the echo backend (`compare backend`, hidden);
 //! * [`load`] — the load generator (`compare load`, hidden);
 //! * [`procfs`] — CPU time, RSS and machine facts from `/proc`;
+//! * [`tls`] — the run's certificate and the load generator's TLS client settings;
 //! * [`targets`] — child processes (killed on drop), proxy configs and startup;
 //! * [`run`] — scenarios, rounds, measurements;
 //! * [`report`] — medians, ratios, markdown, RESULTS.md.
@@ -49,6 +51,7 @@ mod procfs;
 mod report;
 mod run;
 mod targets;
+mod tls;
 mod ws;
 
 use std::io::Read as _;
@@ -66,7 +69,8 @@ use run::{Plan, Scenario};
 use targets::{Env, Placement, Target};
 
 /// switchyard end to end beside nginx and HAProxy: WebSocket ping-pong, handshakes, HTTP
-/// keep-alive, streaming, idle memory and uptime decay, one core per proxy.
+/// keep-alive, streaming, idle memory, uptime decay, and handshakes and streaming over TLS, one
+/// core per proxy.
 #[derive(Debug, Parser)]
 #[command(name = "compare", args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -379,6 +383,18 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         scenarios.retain(|s| !matches!(s, Scenario::Http | Scenario::WarmHttp));
         notes.push("http and warm-http skipped: `wrk` is not installed".into());
     }
+    let tls_planned = scenarios.iter().any(|s| s.tls());
+    if tls_planned {
+        notes.push(format!("wss scenarios: {}", tls::CLIENT_SUMMARY));
+        for &t in &plan.targets {
+            if let Some(lib) = t.program().and_then(targets::tls_library) {
+                versions.push(format!("{} TLS: {lib}", t.name()));
+            }
+        }
+        if plan.targets.contains(&Target::Direct) {
+            notes.push("direct has no TLS end: it is left out of the wss scenarios".into());
+        }
+    }
     plan.scenarios = scenarios;
     anyhow::ensure!(!plan.targets.is_empty(), "no target can run here");
 
@@ -414,6 +430,14 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         keep: args.keep_temp,
     };
     std::fs::create_dir_all(&dir.path).context("temp dir")?;
+    let tls = if tls_planned {
+        Some(
+            tls::generate(&dir.path)
+                .context("cannot make the certificate for the wss scenarios")?,
+        )
+    } else {
+        None
+    };
     let env = Env {
         dir: dir.path.clone(),
         switchyard,
@@ -422,6 +446,7 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
         fd_limit,
         placement,
         clk_tck: clk_tck.0,
+        tls,
     };
     // Is the machine quiet? (A parallel build would make every figure NOISY.)
     for cpu in [placement.proxy, placement.load, placement.backend]
@@ -498,8 +523,12 @@ fn compare(args: RunArgs) -> anyhow::Result<()> {
                     .map_or_else(String::new, |x| format!(", other use of proxy CPU {x:.0}%"))
             )
         };
+        let tls = m
+            .tls
+            .as_ref()
+            .map_or_else(String::new, |t| format!(", {t}"));
         eprintln!(
-            "compare: [round {}/{}] {:<10} {:<16} {figure}",
+            "compare: [round {}/{}] {:<10} {:<16} {figure}{tls}",
             m.round + 1,
             plan.rounds,
             m.scenario.name(),
@@ -541,6 +570,12 @@ Figures are medians over rounds; ratios are medians of per-round ratios.
 | stream | 8 connections, 16 KiB messages, 32 in flight per connection | message (MB/s = echoed payload) |
 | idle-rss | N upgraded connections, one 256 B echo each, then idle | proxy RSS growth per connection |
 | warm-http | http on a proxy process that first served 20k handshakes | request |
+| wss-handshakes | handshakes over TLS terminated by the proxy: connect, full TLS 1.3 handshake (no resumption), upgrade, close, EOF | handshake + close |
+| wss-stream | stream over TLS terminated by the proxy | message (MB/s = echoed payload) |
+
+The wss scenarios use one self-signed ECDSA P-256 certificate, made for the run and served by
+every proxy, and one client (rustls) offering only TLS 1.3, AES-128-GCM and X25519, so that the
+proxies do the same cryptographic work; the backend behind the proxy stays plain ws.
 
 **NOISY** marks rounds where something else (another build, kernel threads, hypervisor steal)
 used ≥ 10% of the proxy's CPU while load ran (from `/proc/stat`); such figures are suspect.

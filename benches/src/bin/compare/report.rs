@@ -189,7 +189,7 @@ pub fn render(info: &RunInfo, ms: &[Measurement]) -> String {
         };
         let thr = med(&|m| Some(m.throughput()));
         let mut throughput = fmt_opt(thr, |t| format!("{}/s", fmt_rate(t)));
-        if scenario == Scenario::Stream {
+        if scenario.streams() {
             if let Some(t) = thr {
                 let _ = write!(throughput, " ({:.0} MB/s)", t * STREAM_SIZE as f64 / 1e6);
             }
@@ -382,6 +382,8 @@ pub fn render(info: &RunInfo, ms: &[Measurement]) -> String {
             format!("{k:.1} KiB/conn")
         } else if let Some(w) = m.warm_secs {
             format!("after handshakes ({w:.1} s)")
+        } else if let Some(t) = &m.tls {
+            t.clone()
         } else {
             String::new()
         };

@@ -12,6 +12,12 @@
 //! | stream | 8 connections, 16 KiB messages, 32 in flight each | echoed message |
 //! | idle-rss | N upgraded connections, one echo each, then idle | RSS growth per connection |
 //! | warm-http | the http scenario on a proxy that first served 20k handshakes | request |
+//! | wss-handshakes | handshakes over TLS: connect, full TLS handshake, upgrade, close, EOF | handshake + close |
+//! | wss-stream | stream over TLS | echoed message |
+//!
+//! The `wss-*` scenarios terminate TLS at the proxy (the backend stays plain ws, as in the usual
+//! deployment), with one certificate generated for the run and one client configuration for
+//! every proxy (see `tls.rs`); `direct` has no TLS end and is left out of them.
 //!
 //! CPU time is utime + stime of the whole process (all threads) from `/proc/<pid>/stat`, read
 //! at the edges of the measured window: by the load generator itself for its modes, and by the
@@ -42,17 +48,23 @@ pub enum Scenario {
     IdleRss,
     /// http after 20k handshakes on the same proxy process.
     WarmHttp,
+    /// Handshakes over TLS: connect, full TLS handshake, upgrade, close; 16 at once.
+    WssHandshakes,
+    /// stream over TLS: 8 connections × 32 in flight × 16 KiB.
+    WssStream,
 }
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::PingPong,
         Scenario::Handshakes,
         Scenario::Http,
         Scenario::Stream,
         Scenario::IdleRss,
         Scenario::WarmHttp,
+        Scenario::WssHandshakes,
+        Scenario::WssStream,
     ];
 
     /// The name used in tables and on the command line.
@@ -64,6 +76,8 @@ impl Scenario {
             Scenario::Stream => "stream",
             Scenario::IdleRss => "idle-rss",
             Scenario::WarmHttp => "warm-http",
+            Scenario::WssHandshakes => "wss-handshakes",
+            Scenario::WssStream => "wss-stream",
         }
     }
 
@@ -71,16 +85,26 @@ impl Scenario {
     pub fn unit(self) -> &'static str {
         match self {
             Scenario::PingPong => "round trip",
-            Scenario::Handshakes => "handshake",
+            Scenario::Handshakes | Scenario::WssHandshakes => "handshake",
             Scenario::Http | Scenario::WarmHttp => "request",
-            Scenario::Stream => "message",
+            Scenario::Stream | Scenario::WssStream => "message",
             Scenario::IdleRss => "connection",
         }
     }
 
     /// Whether it only makes sense with a proxy in the path.
     pub fn needs_proxy(self) -> bool {
-        matches!(self, Scenario::IdleRss | Scenario::WarmHttp)
+        matches!(self, Scenario::IdleRss | Scenario::WarmHttp) || self.tls()
+    }
+
+    /// Whether the proxy terminates TLS for it.
+    pub fn tls(self) -> bool {
+        matches!(self, Scenario::WssHandshakes | Scenario::WssStream)
+    }
+
+    /// Whether its messages are [`STREAM_SIZE`] bytes (for MB/s).
+    pub fn streams(self) -> bool {
+        matches!(self, Scenario::Stream | Scenario::WssStream)
     }
 }
 
@@ -140,6 +164,8 @@ pub struct Measurement {
     pub foreign: Option<(u64, f64)>,
     /// Which attempt this is (1 unless earlier attempts were NOISY).
     pub attempt: u32,
+    /// wss scenarios: what the load generator's TLS handshakes negotiated.
+    pub tls: Option<String>,
 }
 
 impl Measurement {
@@ -159,6 +185,7 @@ impl Measurement {
             warm_secs: None,
             foreign: None,
             attempt: 1,
+            tls: None,
         }
     }
 
@@ -313,18 +340,34 @@ pub fn run_plan(
 }
 
 fn run_one(env: &Env, plan: &Plan, m: &mut Measurement) -> anyhow::Result<()> {
-    let running = targets::start(env, m.target, &tag_of(m))?;
+    let tls = if m.scenario.tls() {
+        Some(
+            env.tls
+                .as_ref()
+                .context("no certificate was made for this run")?,
+        )
+    } else {
+        None
+    };
+    let running = targets::start(env, m.target, &tag_of(m), tls)?;
+    let ca = tls.map(|files| files.cert.to_string_lossy().into_owned());
+    let tls_args: Vec<&str> = match &ca {
+        Some(ca) => vec!["--tls-ca", ca],
+        None => Vec::new(),
+    };
     match m.scenario {
         Scenario::PingPong => {
             let args = ["--conns", "32", "--size", "256"];
             timed_load(env, plan, &running, "ping-pong", &args, m)
         }
-        Scenario::Handshakes => {
-            timed_load(env, plan, &running, "handshakes", &["--conns", "16"], m)
+        Scenario::Handshakes | Scenario::WssHandshakes => {
+            let args = [&["--conns", "16"][..], &tls_args].concat();
+            timed_load(env, plan, &running, "handshakes", &args, m)
         }
-        Scenario::Stream => {
+        Scenario::Stream | Scenario::WssStream => {
             let size = STREAM_SIZE.to_string();
             let args = ["--conns", "8", "--size", &size, "--inflight", "32"];
+            let args = [&args[..], &tls_args].concat();
             timed_load(env, plan, &running, "stream", &args, m)
         }
         Scenario::Http => http(env, plan, &running, m),
@@ -430,18 +473,20 @@ fn load_command(
     cmd
 }
 
-/// Reads the `ERROR` and `RESULT` lines of a finished load generator.
-fn load_result(load: &Proc) -> anyhow::Result<(LoadResult, Option<String>)> {
+/// Reads the `ERROR`, `TLS` and `RESULT` lines of a finished load generator.
+fn load_result(load: &Proc) -> anyhow::Result<(LoadResult, Option<String>, Option<String>)> {
     let out = load.stdout();
-    let error = out
-        .lines()
-        .find_map(|l| l.strip_prefix("ERROR "))
-        .map(str::to_string);
+    let line = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    let (error, tls) = (line("ERROR "), line("TLS "));
     let result = out
         .lines()
         .find_map(LoadResult::parse)
         .with_context(|| format!("no RESULT from the load generator: {}", load.stderr_tail()))?;
-    Ok((result, error))
+    Ok((result, error, tls))
 }
 
 /// Fills `m` from a load result whose ticks are `[proxy?, backend]`.
@@ -483,8 +528,9 @@ fn timed_load(
         out.lines().any(|l| l.starts_with("RESULT ")).then_some(())
     })?;
     m.foreign = NoiseProbe::finish(probe)?;
-    let (r, error) = load_result(&load)?;
+    let (r, error, tls) = load_result(&load)?;
     fill(env, running, m, &r, error);
+    m.tls = tls;
     Ok(())
 }
 
@@ -611,7 +657,7 @@ fn warm_up_handshakes(env: &Env, plan: &Plan, running: &Running, tag: &str) -> a
     load.wait_for(Duration::from_secs(330), "finished", |out, _| {
         out.lines().any(|l| l.starts_with("RESULT ")).then_some(())
     })?;
-    let (r, error) = load_result(&load)?;
+    let (r, error, _) = load_result(&load)?;
     anyhow::ensure!(
         r.errors == 0 && r.units == plan.warm_handshakes,
         "warming handshakes: {} of {} done, {} errors: {}",

@@ -11,6 +11,11 @@
 //! program, so the pid we hold is the program's): the open-files soft limit raised to the hard
 //! limit, and the process pinned. Configs, logs and pid files go to the run's temp directory;
 //! everything listens on 127.0.0.1.
+//!
+//! For the `wss-*` scenarios a proxy is started with TLS on its listener and the run's
+//! certificate ([`crate::tls::Files`]): switchyard `--tls-cert/--tls-key`, nginx `listen ...
+//! ssl` with `ssl_certificate(_key)`, HAProxy `bind ... ssl crt` (certificate and key in one
+//! file) `alpn http/1.1`. The backend behind them stays plain.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::{check_interrupt, nap};
+use crate::{check_interrupt, nap, tls};
 
 /// How long a child may take to become ready.
 const READY: Duration = Duration::from_secs(15);
@@ -150,6 +155,8 @@ pub struct Env {
     pub placement: Placement,
     /// Clock ticks per second.
     pub clk_tck: u64,
+    /// The run's certificate, if a `wss-*` scenario is planned.
+    pub tls: Option<tls::Files>,
 }
 
 impl Env {
@@ -371,9 +378,29 @@ fn wait_accepting(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// The nginx configuration: one process, no logs, the WebSocket boilerplate, long tunnels.
-pub fn nginx_conf(dir: &Path, port: u16, backend: SocketAddr, connections: u64) -> String {
+/// The nginx configuration: one process, no logs, the WebSocket boilerplate, long tunnels;
+/// with `tls`, a TLS listener serving that certificate (TLS 1.2 and 1.3 as switchyard, ALPN
+/// http/1.1 being nginx's own answer without http2).
+pub fn nginx_conf(
+    dir: &Path,
+    port: u16,
+    backend: SocketAddr,
+    connections: u64,
+    tls: Option<&tls::Files>,
+) -> String {
     let d = dir.display();
+    let (ssl, certificate) = match tls {
+        Some(files) => (
+            " ssl",
+            format!(
+                "\n        ssl_certificate {};\n        ssl_certificate_key {};\n        \
+                 ssl_protocols TLSv1.2 TLSv1.3;",
+                files.cert.display(),
+                files.key.display()
+            ),
+        ),
+        None => ("", String::new()),
+    };
     format!(
         r#"# Written by switchyard-benches `compare`.
 daemon off;
@@ -401,7 +428,7 @@ http {{
         keepalive 32;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};{certificate}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -416,8 +443,17 @@ http {{
     )
 }
 
-/// The HAProxy configuration: one thread, no logs, long tunnels, safe connection reuse.
-pub fn haproxy_conf(port: u16, backend: SocketAddr, maxconn: u64) -> String {
+/// The HAProxy configuration: one thread, no logs, long tunnels, safe connection reuse; with
+/// `tls`, a TLS listener serving that certificate with ALPN http/1.1.
+pub fn haproxy_conf(
+    port: u16,
+    backend: SocketAddr,
+    maxconn: u64,
+    tls: Option<&tls::Files>,
+) -> String {
+    let ssl = tls.map_or_else(String::new, |files| {
+        format!(" ssl crt {} alpn http/1.1", files.combined.display())
+    });
     format!(
         r#"# Written by switchyard-benches `compare`.
 global
@@ -434,7 +470,7 @@ defaults
     timeout tunnel 1h
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{ssl}
     default_backend be
 
 backend be
@@ -454,8 +490,19 @@ pub struct Running {
     pub addr: SocketAddr,
 }
 
-/// Starts a fresh backend and a fresh `target` in front of it; `tag` names the files.
-pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
+/// Starts a fresh backend and a fresh `target` in front of it, terminating TLS with `tls` if
+/// given; `tag` names the files.
+pub fn start(
+    env: &Env,
+    target: Target,
+    tag: &str,
+    tls: Option<&tls::Files>,
+) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        tls.is_none() || target.is_proxy(),
+        "{} has no TLS end",
+        target.name()
+    );
     let (backend, backend_addr) = start_backend(env, tag)?;
     let connections = env.fd_limit.min(1 << 20);
     let name = format!("{tag}-proxy");
@@ -487,6 +534,12 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
             if target == Target::SwitchyardMetrics {
                 cmd.args(["--metrics", "127.0.0.1:0"]);
             }
+            if let Some(files) = tls {
+                cmd.arg("--tls-cert")
+                    .arg(&files.cert)
+                    .arg("--tls-key")
+                    .arg(&files.key);
+            }
             let mut p = Proc::spawn(env, &name, cmd, false)?;
             let addr = p.wait_for(READY, "listening", |_, err| parse_listening(err))?;
             (Some(p), addr)
@@ -499,8 +552,8 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
             // 1/16 of worker_connections are free, so the table must be larger than the fd
             // limit for idle-rss to reach it. (nginx warns that it exceeds the fd limit.)
             let worker_connections = connections + connections / 8;
-            f.write_all(nginx_conf(&env.dir, port, backend_addr, worker_connections).as_bytes())
-                .context("nginx.conf")?;
+            let text = nginx_conf(&env.dir, port, backend_addr, worker_connections, tls);
+            f.write_all(text.as_bytes()).context("nginx.conf")?;
             let mut cmd = env.command(Path::new("nginx"), env.placement.proxy);
             cmd.arg("-p")
                 .arg(&env.dir)
@@ -518,7 +571,7 @@ pub fn start(env: &Env, target: Target, tag: &str) -> anyhow::Result<Running> {
             let conf = env.dir.join(format!("{name}.cfg"));
             // HAProxy needs two descriptors per connection plus some of its own.
             let maxconn = (connections.saturating_sub(100) / 2).max(100);
-            std::fs::write(&conf, haproxy_conf(port, backend_addr, maxconn))
+            std::fs::write(&conf, haproxy_conf(port, backend_addr, maxconn, tls))
                 .context("haproxy.cfg")?;
             let mut cmd = env.command(Path::new("haproxy"), env.placement.proxy);
             cmd.arg("-db").arg("-f").arg(&conf);
@@ -546,6 +599,22 @@ pub fn version(program: &str) -> Option<String> {
     text.lines().next().map(|l| l.trim().to_string())
 }
 
+/// The TLS library `program` (nginx or HAProxy) runs with, for the report.
+pub fn tls_library(program: &str) -> Option<String> {
+    let flag = if program == "haproxy" { "-vv" } else { "-V" };
+    let out = Command::new(program).arg(flag).output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("Running on OpenSSL") || l.starts_with("built with OpenSSL"))?;
+    Some(line.to_string())
+}
+
 /// Whether `program` can be run at all.
 pub fn installed(program: &str) -> bool {
     Command::new(program)
@@ -569,6 +638,27 @@ mod tests {
             "127.0.0.1:5".parse().ok()
         );
         assert_eq!(parse_listening("starting"), None);
+    }
+
+    #[test]
+    fn tls_listeners_are_configured_only_when_asked() {
+        let dir = Path::new("/tmp/run");
+        let backend: SocketAddr = "127.0.0.1:9000".parse().expect("address");
+        let files = tls::Files {
+            cert: dir.join("tls-cert.pem"),
+            key: dir.join("tls-key.pem"),
+            combined: dir.join("tls-haproxy.pem"),
+        };
+        let plain = nginx_conf(dir, 8080, backend, 100, None);
+        assert!(plain.contains("listen 127.0.0.1:8080;\n"));
+        assert!(!plain.contains("ssl"));
+        let secure = nginx_conf(dir, 8080, backend, 100, Some(&files));
+        assert!(secure.contains("listen 127.0.0.1:8080 ssl;"));
+        assert!(secure.contains("ssl_certificate /tmp/run/tls-cert.pem;"));
+        assert!(secure.contains("ssl_certificate_key /tmp/run/tls-key.pem;"));
+        assert!(haproxy_conf(8080, backend, 100, None).contains("bind 127.0.0.1:8080\n"));
+        assert!(haproxy_conf(8080, backend, 100, Some(&files))
+            .contains("bind 127.0.0.1:8080 ssl crt /tmp/run/tls-haproxy.pem alpn http/1.1\n"));
     }
 
     #[test]
