@@ -161,92 +161,17 @@ fn parse_url(url: &str) -> Result<Target, Outcome> {
     })
 }
 
-/// The TLS client settings of a wss:// probe.
+/// The TLS client settings of a wss:// probe: what the proxy itself trusts upstream (the
+/// Mozilla roots and `--ca`), or nothing checked with `--insecure`.
 fn tls_config(p: &Probe) -> Result<Arc<rustls::ClientConfig>, Outcome> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Outcome::Usage(format!("TLS: {e}")))?;
-    let mut config = if p.insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth()
+    let verify = if p.insecure {
+        proxy_tokio::Verify::Skip
     } else {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        for path in &p.ca {
-            use rustls::pki_types::pem::PemObject as _;
-            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| Outcome::Usage(format!("--ca {}: {e}", path.display())))?
-                .filter_map(Result::ok)
-                .collect();
-            if certs.is_empty() {
-                return Err(Outcome::Usage(format!(
-                    "--ca {}: expected PEM certificates, found none",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| Outcome::Usage(format!("--ca {}: {e}", path.display())))?;
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        proxy_tokio::Verify::Roots
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// `--insecure`: any certificate passes; the handshake's signatures are still checked.
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    let tls = proxy_tokio::ClientTls::new(verify, &p.ca)
+        .map_err(|e| Outcome::Usage(format!("--ca {e}")))?;
+    Ok(tls.rustls_config())
 }
 
 /// Completes the TLS handshake on `tcp`, saying what was negotiated.

@@ -259,6 +259,12 @@ impl ClientTls {
         Self::with_ca(verify, extra)
     }
 
+    /// The rustls configuration, for a client of one's own (`switchyard probe`) that should
+    /// trust exactly what the proxy trusts.
+    pub fn rustls_config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// The same with CA certificates already read (DER), each with the file it came from.
     ///
     /// # Errors
@@ -695,7 +701,11 @@ impl<S: Socket> TlsStream<S> {
                     Err(e) => return Err(e),
                 }
             }
-            self.buffered = filled == buf.len();
+            // A full buffer leaves plaintext behind; otherwise the flag says what the last step
+            // saw (rustls decrypted more than was read, or had nothing left).
+            if filled == buf.len() {
+                self.buffered = true;
+            }
             if filled > 0 {
                 // After bytes, an end is reported by the next read (rustls remembers it).
                 let drained = drained && !eof && !self.buffered;
