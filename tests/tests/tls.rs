@@ -715,7 +715,9 @@ async fn large_bodies_both_ways_and_a_close_after_the_last_byte(rt: Runtime) {
     // A small receive buffer keeps the proxy's socket full, so records are still waiting in
     // its TLS layer when the response's last byte has been handed to it.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
     let tcp = socket.connect(proxy.addr).await.expect("connect");
     let name = ServerName::try_from("big.test").expect("name");
     let mut tls = tokio::time::timeout(WAIT, ca.client().connect(name, tcp))
