@@ -1246,6 +1246,25 @@ fn tls_config_errors_name_the_file_and_the_setting() {
     assert!(stderr.contains("--tls-key"), "{stderr}");
 }
 
+/// Turning verification off for an upstream group is said out loud at start.
+#[test]
+fn insecure_skip_verify_is_warned_about_at_start() {
+    let file = TempFile::new(
+        "insecure.toml",
+        "listen = \"127.0.0.1:0\"\n[upstream]\npeers = \"127.0.0.1:9\"\n\
+         [upstream.lab]\npeers = \"127.0.0.1:9443\"\ntls = true\ninsecure_skip_verify = true\n",
+    );
+    let mut proc = Proc::spawn(&["--config", file.path(), "--access-log", "off"]);
+    proc.wait_ready();
+    let text = proc.stderr.text();
+    assert!(
+        text.contains("WARN") && text.contains("insecure_skip_verify") && text.contains("lab"),
+        "{text}"
+    );
+    proc.signal("-TERM");
+    assert!(proc.wait_exit().success());
+}
+
 #[test]
 fn demo_tls_serves_https_and_wss() {
     let rt = runtime();

@@ -319,6 +319,13 @@ async fn sni_picks_the_certificate(rt: Runtime) {
     .await
     .expect("handshake ends within WAIT");
     assert!(refused.is_err(), "no certificate for c.test");
+    // The client's refusal reaches the proxy as an alert: a failed handshake, counted.
+    let deadline = Instant::now() + WAIT;
+    while proxy.stats.tls_handshakes(TlsOutcome::Failed) == 0 {
+        assert!(Instant::now() < deadline, "the failed handshake is counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(proxy.stats.tls_handshakes(TlsOutcome::Done), 3);
     proxy.stop();
 }
 
