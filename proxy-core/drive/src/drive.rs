@@ -451,7 +451,8 @@ impl<R: Runtime> Driver<R> {
             };
             let step = match result {
                 Ok(step) => step,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Any error here is final (an interrupted write is retried inside): whatever
+                // rustls took is dropped with the connection.
                 Err(_) => {
                     self.link.failed(side, now);
                     self.perform_actions(now);

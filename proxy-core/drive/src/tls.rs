@@ -570,13 +570,19 @@ impl<S: Socket> TlsStream<S> {
     /// Advances the handshake: `Ready(Ok)` once it is complete and its last flight written,
     /// `Pending` with the waker registered for what it waits on.
     pub(crate) fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Each round writes or reads; a bounded number before yielding to other tasks.
+        // Each round writes what is pending and, while handshaking, reads what has come: a
+        // blocked write never stops the read (a peer's byte must not stay unread while we wait
+        // to write, or its readiness would wake us forever). A bounded number of rounds before
+        // yielding to other tasks; the waker is registered only for what actually blocked.
         for _ in 0..32 {
             let mut progress = false;
+            let mut write_blocked = false;
+            let mut read_blocked = false;
             if self.conn.wants_write() {
                 match self.write_tls() {
                     Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_blocked = true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             }
@@ -584,7 +590,7 @@ impl<S: Socket> TlsStream<S> {
                 if !self.conn.wants_write() {
                     return Poll::Ready(Ok(()));
                 }
-            } else if !self.conn.wants_write() || progress {
+            } else {
                 match self.read_tls() {
                     Ok(Ciphertext::Eof) => {
                         return Poll::Ready(Err(io::Error::new(
@@ -593,16 +599,16 @@ impl<S: Socket> TlsStream<S> {
                         )))
                     }
                     Ok(Ciphertext::Read { .. }) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_blocked = true,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             }
             if !progress {
                 let mut ready = false;
-                if self.conn.wants_write() {
+                if write_blocked {
                     ready |= self.socket.poll_write_ready(cx).is_ready();
                 }
-                if self.conn.is_handshaking() {
+                if read_blocked {
                     ready |= self.socket.poll_read_ready(cx).is_ready();
                 }
                 if !ready {
@@ -737,6 +743,10 @@ impl<S: Socket> TlsStream<S> {
             match self.write_tls() {
                 Ok(short) => full = short,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => full = true,
+                // Retried by the next flush; what was taken stays taken (never handed to rustls
+                // twice).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The connection is broken: the caller fails the side and drops its queue.
                 Err(e) => return Err(e),
             }
         }
