@@ -569,6 +569,21 @@ async fn upstream_tls_verifies_and_reuses_connections(rt: Runtime) {
     let logs = proxy.events.wait_for(3);
     assert!(logs.iter().all(|l| l.status == Some(200)));
     assert!(proxy.stats.pool_hits() >= 2);
+    // New client settings (a reload's): the pooled connection, verified under the old ones,
+    // is not reused; the next request makes and verifies a new one.
+    let client =
+        ClientTls::with_ca(Verify::Roots, vec![("ca.pem".into(), ca.der())]).expect("client TLS");
+    proxy.tls.set_client("secure", client);
+    let response = plain_get(proxy.addr).await;
+    assert_eq!(
+        response,
+        "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a connection made under the earlier settings is not handed out"
+    );
     proxy.stop();
 }
 

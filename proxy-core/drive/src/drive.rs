@@ -488,7 +488,11 @@ impl<R: Runtime> Driver<R> {
         self.connecting = None;
         self.waits.forget(Side::Upstream);
         if allow_pooled {
-            let pooled = self.shared.pool.checkout(peer, now, Stream::idle_and_open);
+            let tls = &self.shared.options.tls;
+            let pooled = self
+                .shared
+                .pool
+                .checkout(peer, now, |s| s.reusable_under(tls) && s.idle_and_open());
             self.shared.options.stats.count_pool(pooled.is_some());
             if let Some(socket) = pooled {
                 drop(self.link.connected(id, socket, true, now));
@@ -648,8 +652,10 @@ impl<R: Runtime> Driver<R> {
             let e = io::Error::other(format!("no TLS client settings named {:?}", target.profile));
             return self.connect_failed(id, ConnectError::Tls, &e, now);
         };
+        let generation = self.shared.options.tls.client_generation();
         match TlsStream::connect(socket, config, &target.server_name) {
             Ok(tls) => {
+                let tls = tls.made_under(generation);
                 self.connecting = Some(Connecting::Handshaking {
                     id,
                     tls: Box::new(tls),

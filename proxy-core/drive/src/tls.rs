@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -370,6 +370,9 @@ struct TlsInner {
     any_listener: AtomicBool,
     listeners: RwLock<HashMap<SocketAddr, ServerTls>>,
     clients: RwLock<HashMap<Arc<str>, ClientTls>>,
+    /// Bumped whenever client settings change: a pooled upstream connection made under an
+    /// earlier generation (another CA, verification since turned on) is not reused.
+    client_generation: AtomicU64,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -414,6 +417,7 @@ impl TlsSettings {
             Err(poisoned) => poisoned.into_inner(),
         };
         map.insert(Arc::from(profile), tls);
+        self.inner.client_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Forgets every upstream profile not in `keep` (after a reload).
@@ -421,6 +425,12 @@ impl TlsSettings {
         if let Ok(mut map) = self.inner.clients.write() {
             map.retain(|k, _| keep(k));
         }
+        self.inner.client_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The current generation of the client settings.
+    pub(crate) fn client_generation(&self) -> u64 {
+        self.inner.client_generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn listener(&self, local: Option<SocketAddr>) -> Option<Arc<ServerConfig>> {
@@ -523,6 +533,9 @@ pub(crate) struct TlsStream<S: Socket> {
     buffered: bool,
     /// A close_notify was queued; FIN follows once everything is written.
     shut_pending: bool,
+    /// For an upstream connection, the generation of the client settings it was verified
+    /// under (see [`TlsSettings`]).
+    generation: u64,
 }
 
 /// The rustls send buffer: how much plaintext a TLS connection takes beyond what the socket
@@ -552,7 +565,14 @@ impl<S: Socket> TlsStream<S> {
             unreported: 0,
             buffered: false,
             shut_pending: false,
+            generation: 0,
         }
+    }
+
+    /// Records the client-settings generation this upstream connection is made under.
+    pub(crate) fn made_under(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
     }
 
     /// The name the client asked for (server side).
@@ -874,6 +894,15 @@ impl<S: Socket> Stream<S> {
     /// rustls or on the socket.
     pub(crate) fn idle_and_open(&self) -> bool {
         !self.has_buffered_input() && crate::sys::idle_and_open(self.socket())
+    }
+
+    /// Whether a pooled connection may serve a new request under `tls`: a TLS one only if it
+    /// was verified under the client settings in force now.
+    pub(crate) fn reusable_under(&self, tls: &TlsSettings) -> bool {
+        match self {
+            Stream::Plain(_) => true,
+            Stream::Tls(t) => t.generation == tls.client_generation(),
+        }
     }
 }
 
