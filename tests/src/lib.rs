@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use proxy_core::{Config, Event, ExchangeLog, Peer, UpstreamGroup};
 
+pub mod child;
 pub mod origin;
 
 /// How long any single wait in a test may take before the test fails.

@@ -29,11 +29,8 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use smol::io::{AsyncBufReadExt, AsyncReadExt as _};
 use switchyard_tests::origin::ws_echo;
-use switchyard_tests::{
-    config_for, runtime_tests, start_proxy, start_proxy_with, ProxyOptions, Runtime, WAIT,
-};
+use switchyard_tests::{child, config_for, runtime_tests, start_proxy, Runtime, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -315,8 +312,8 @@ async fn ten_thousand_idle_websockets(rt: Runtime) {
         n >= 100,
         "an open-files limit of {hard} leaves room for {n} tunnels only"
     );
-    let echo = ChildProcess::spawn(Role::Echo).await;
-    let proxy = ChildProcess::spawn(Role::Proxy(rt, echo.addr)).await;
+    let echo = spawn_child(Role::Echo).await;
+    let proxy = spawn_child(Role::Proxy(rt, echo.addr)).await;
     let pid = proxy.pid();
 
     // Warm-up: the proxy's runtime is up, its threads have their read buffers and the
@@ -425,8 +422,6 @@ const ROLE_ENV: &str = "SWITCHYARD_EXHAUSTION_CHILD";
 const RUNTIME_ENV: &str = "SWITCHYARD_CHILD_RUNTIME";
 /// The proxy child's upstream.
 const UPSTREAM_ENV: &str = "SWITCHYARD_CHILD_UPSTREAM";
-/// What a child prints, followed by the address it listens on.
-const ADDR_PREFIX: &str = "switchyard-child-listening=";
 
 /// The part a child process plays.
 #[derive(Debug, Clone, Copy)]
@@ -447,10 +442,6 @@ fn child_process() {
         return;
     };
     raise_nofile_to_hard();
-    let stdin_closed = || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-    };
     match role.as_str() {
         "echo" => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -459,31 +450,17 @@ fn child_process() {
                 .build()
                 .expect("echo runtime");
             let addr = runtime.block_on(light_echo());
-            println!("{ADDR_PREFIX}{addr}");
-            stdin_closed();
+            println!("{}{addr}", child::ADDR_PREFIX);
+            child::wait_for_stdin_to_close();
             runtime.shutdown_background();
         }
         "proxy" => {
-            let rt = match std::env::var(RUNTIME_ENV).as_deref() {
-                Ok("Tokio") => Runtime::Tokio,
-                Ok("TokioMulti") => Runtime::TokioMulti,
-                Ok("Smol") => Runtime::Smol,
-                Ok("AsyncStd") => Runtime::AsyncStd,
-                other => panic!("no runtime named {other:?}"),
-            };
+            let rt = child::runtime_named(&std::env::var(RUNTIME_ENV).expect("a runtime"));
             let upstream: SocketAddr = std::env::var(UPSTREAM_ENV)
                 .expect("an upstream")
                 .parse()
                 .expect("an upstream address");
-            let opts = ProxyOptions {
-                // Nothing that grows with connections served in the measured process.
-                record_events: false,
-                ..ProxyOptions::default()
-            };
-            let proxy = start_proxy_with(rt, config_for(&[upstream]), opts);
-            println!("{ADDR_PREFIX}{}", proxy.addr);
-            stdin_closed();
-            proxy.stop();
+            child::serve_proxy_until_stdin_closes(rt, upstream);
         }
         other => panic!("no child role {other:?}"),
     }
@@ -565,93 +542,17 @@ fn header_value(head: &str, name: &str) -> Option<String> {
     })
 }
 
-/// A running child process (see [`child_process`]); killed if dropped before
-/// [`ChildProcess::finish`].
-#[derive(Debug)]
-struct ChildProcess {
-    child: smol::process::Child,
-    stdout: smol::io::BufReader<smol::process::ChildStdout>,
-    addr: SocketAddr,
-}
-
-impl ChildProcess {
-    /// Starts a child playing `role` and waits (bounded) for its address.
-    async fn spawn(role: Role) -> ChildProcess {
-        let exe = std::env::current_exe().expect("the path of this test binary");
-        let mut cmd = smol::process::Command::new(exe);
-        cmd.args([
-            "child_process",
-            "--exact",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .stdin(smol::process::Stdio::piped())
-        .stdout(smol::process::Stdio::piped())
-        .stderr(smol::process::Stdio::piped())
-        .kill_on_drop(true);
-        match role {
-            Role::Echo => {
-                cmd.env(ROLE_ENV, "echo");
-            }
-            Role::Proxy(rt, upstream) => {
-                cmd.env(ROLE_ENV, "proxy")
-                    .env(RUNTIME_ENV, format!("{rt:?}"))
-                    .env(UPSTREAM_ENV, upstream.to_string());
-            }
-        }
-        let mut child = cmd.spawn().expect("start a child process");
-        let mut stdout = smol::io::BufReader::new(child.stdout.take().expect("the child's stdout"));
-        let addr = tokio::time::timeout(WAIT, async {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let n = stdout.read_line(&mut line).await.expect("read the child");
-                assert!(
-                    n > 0,
-                    "the {role:?} child ended before printing its address"
-                );
-                // libtest may have written `test child_process ... ` on the same line.
-                if let Some((_, addr)) = line.trim().split_once(ADDR_PREFIX) {
-                    return addr.parse::<SocketAddr>().expect("the child's address");
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the {role:?} child printed no address within {WAIT:?}"));
-        ChildProcess {
-            child,
-            stdout,
-            addr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Closes the child's stdin and waits (bounded) for it to stop; it must have passed.
-    async fn finish(mut self) {
-        drop(self.child.stdin.take());
-        let mut stderr = self.child.stderr.take().expect("the child's stderr");
-        let (mut out, mut err) = (String::new(), String::new());
-        let status = tokio::time::timeout(WAIT, async {
-            let (o, e) = futures_util::future::join(
-                self.stdout.read_to_string(&mut out),
-                stderr.read_to_string(&mut err),
-            )
-            .await;
-            o.expect("read the child's stdout");
-            e.expect("read the child's stderr");
-            self.child.status().await.expect("the child's exit status")
-        })
-        .await
-        .expect("the child stops within WAIT");
-        assert!(
-            status.success() && out.contains(" 1 passed"),
-            "the child failed ({status}):\n{out}\n{err}"
-        );
-    }
+/// Starts a child playing `role` (see [`child_process`]) and waits (bounded) for its address.
+async fn spawn_child(role: Role) -> child::Child {
+    let env = match role {
+        Role::Echo => vec![(ROLE_ENV, "echo".to_owned())],
+        Role::Proxy(rt, upstream) => vec![
+            (ROLE_ENV, "proxy".to_owned()),
+            (RUNTIME_ENV, format!("{rt:?}")),
+            (UPSTREAM_ENV, upstream.to_string()),
+        ],
+    };
+    child::Child::spawn("child_process", &env).await
 }
 
 // ---- helpers ----
@@ -870,21 +771,12 @@ async fn echo_roundtrip(s: &mut TcpStream, text: &[u8]) {
     );
 }
 
-/// Resident memory of `pid` in bytes, from `/proc/<pid>/status`.
+/// Resident memory of `pid` in bytes.
 fn vm_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kib * 1024
+    child::vm_rss(pid).unwrap_or_else(|| panic!("VmRSS of {pid} from /proc"))
 }
 
 /// How many descriptors `pid` has open.
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("list /proc/{pid}/fd: {e}"))
-        .count()
+    child::open_fds(pid).unwrap_or_else(|| panic!("list /proc/{pid}/fd"))
 }

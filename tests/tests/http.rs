@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use proxy_core::{Config, IpNet, Peer, UpstreamGroup};
-use smol::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 use switchyard_tests::origin::{self, http_origin, Responder, SeenRequest};
 use switchyard_tests::{
-    config_for, runtime_tests, start_proxy, start_proxy_with, ProxyOptions, Runtime, WAIT,
+    child, config_for, runtime_tests, start_proxy, start_proxy_with, ProxyOptions, Runtime, WAIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -654,7 +653,7 @@ async fn big_origin(len: u64) -> SocketAddr {
 /// A 100 MiB response streams through the proxy: the client receives every byte, and the
 /// proxy's resident memory grows by far less than the body.
 ///
-/// The proxy runs in a child process of its own ([`ProxyProcess`]), so the VmRSS measured is
+/// The proxy runs in a child process of its own ([`proxy_process`]), so the VmRSS measured is
 /// the proxy's alone: not the origin's or the client's, nor that of the other scenarios of this
 /// binary running beside it. The proxy itself should hold at most a few queues of 64 KiB
 /// (`limits.queue`) and a 64 KiB read buffer per thread; the growth measured is under 1 MiB
@@ -664,7 +663,7 @@ async fn streams_100_mib_response_in_bounded_memory(rt: Runtime) {
     const LEN: u64 = 100 * 1024 * 1024;
     const RSS_BOUND: u64 = 8 * 1024 * 1024;
     let origin = big_origin(LEN).await;
-    let proxy = ProxyProcess::start(rt, origin).await;
+    let proxy = proxy_process(rt, origin).await;
     let mut client = Client::connect(proxy.addr).await;
     // A first exchange, so that the baseline has the proxy's runtime up, its upstream
     // connection open and its first buffers allocated: what grows after it is the stream's.
@@ -676,7 +675,7 @@ async fn streams_100_mib_response_in_bounded_memory(rt: Runtime) {
         show(&resp.raw),
         format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n")
     );
-    let baseline = proxy.vm_rss();
+    let baseline = child::vm_rss(proxy.pid());
     let mut peak = baseline;
     client
         .send(b"GET /big HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -710,14 +709,14 @@ async fn streams_100_mib_response_in_bounded_memory(rt: Runtime) {
         received += n as u64;
         if received >= next_sample {
             next_sample += 8 * 1024 * 1024;
-            if let (Some(p), Some(now)) = (peak, proxy.vm_rss()) {
+            if let (Some(p), Some(now)) = (peak, child::vm_rss(proxy.pid())) {
                 peak = Some(p.max(now));
             }
         }
     }
     assert_eq!(received, LEN, "exactly the announced length");
     let elapsed = started.elapsed();
-    if let (Some(p), Some(now)) = (peak, proxy.vm_rss()) {
+    if let (Some(p), Some(now)) = (peak, child::vm_rss(proxy.pid())) {
         peak = Some(p.max(now));
     }
     match (baseline, peak) {
@@ -751,138 +750,39 @@ async fn streams_100_mib_response_in_bounded_memory(rt: Runtime) {
         format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n")
     );
     drop(client);
-    proxy.stop().await;
+    proxy.finish().await;
 }
 
-/// Set in the child process [`ProxyProcess`] starts: the runtime to serve on.
+/// Set in the child process [`proxy_child_process`] is: the runtime to serve on.
 const CHILD_RUNTIME_ENV: &str = "SWITCHYARD_HTTP_CHILD_RUNTIME";
 /// Set in that child: the upstream.
 const CHILD_UPSTREAM_ENV: &str = "SWITCHYARD_HTTP_CHILD_UPSTREAM";
-/// What the child prints, followed by the address it listens on.
-const CHILD_ADDR_PREFIX: &str = "switchyard-child-listening=";
 
-/// The body of the child process [`ProxyProcess`] starts: this test binary again, with only
-/// this test selected and [`CHILD_RUNTIME_ENV`] set. It serves until its stdin closes (so it
-/// cannot outlive the test that started it), then stops the proxy gracefully.
+/// The body of the proxy child process the memory test starts (see
+/// [`switchyard_tests::child`]): the proxy, until its stdin closes.
 #[test]
 #[ignore = "the body of the proxy process a test in this file starts; does nothing on its own"]
 fn proxy_child_process() {
     let Ok(runtime) = std::env::var(CHILD_RUNTIME_ENV) else {
         return;
     };
-    let rt = match runtime.as_str() {
-        "Tokio" => Runtime::Tokio,
-        "TokioMulti" => Runtime::TokioMulti,
-        "Smol" => Runtime::Smol,
-        "AsyncStd" => Runtime::AsyncStd,
-        other => panic!("no runtime named {other:?}"),
-    };
     let upstream: SocketAddr = std::env::var(CHILD_UPSTREAM_ENV)
         .expect("an upstream")
         .parse()
         .expect("an upstream address");
-    let opts = ProxyOptions {
-        record_events: false,
-        ..ProxyOptions::default()
-    };
-    let proxy = start_proxy_with(rt, config_for(&[upstream]), opts);
-    println!("{CHILD_ADDR_PREFIX}{}", proxy.addr);
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
-    proxy.stop();
+    child::serve_proxy_until_stdin_closes(child::runtime_named(&runtime), upstream);
 }
 
-/// The proxy in a child process (see [`proxy_child_process`]), so that its memory can be
-/// measured apart from everything else; killed if dropped before [`ProxyProcess::stop`].
-#[derive(Debug)]
-struct ProxyProcess {
-    child: smol::process::Child,
-    stdout: smol::io::BufReader<smol::process::ChildStdout>,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    /// Starts the proxy on `rt` in front of `upstream`, and waits (bounded) for its address.
-    async fn start(rt: Runtime, upstream: SocketAddr) -> ProxyProcess {
-        let exe = std::env::current_exe().expect("the path of this test binary");
-        let mut child = smol::process::Command::new(exe)
-            .args([
-                "proxy_child_process",
-                "--exact",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_RUNTIME_ENV, format!("{rt:?}"))
-            .env(CHILD_UPSTREAM_ENV, upstream.to_string())
-            .stdin(smol::process::Stdio::piped())
-            .stdout(smol::process::Stdio::piped())
-            .stderr(smol::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the proxy process");
-        let mut stdout = smol::io::BufReader::new(child.stdout.take().expect("the child's stdout"));
-        let addr = tokio::time::timeout(WAIT, async {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let n = stdout.read_line(&mut line).await.expect("read the child");
-                assert!(n > 0, "the proxy process ended before printing its address");
-                // libtest may have written `test proxy_child_process ... ` on the same line.
-                if let Some((_, addr)) = line.trim().split_once(CHILD_ADDR_PREFIX) {
-                    return addr.parse::<SocketAddr>().expect("the child's address");
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the proxy process printed no address within {WAIT:?}"));
-        ProxyProcess {
-            child,
-            stdout,
-            addr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The proxy process's resident set size in bytes, if /proc has it.
-    fn vm_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
-    }
-
-    /// Closes the child's stdin, which stops the proxy, and waits (bounded) for the process to
-    /// end; it must have passed (a panic in the proxy fails it).
-    async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let mut stderr = self.child.stderr.take().expect("the child's stderr");
-        let (mut out, mut err) = (String::new(), String::new());
-        let status = tokio::time::timeout(WAIT, async {
-            let (o, e) = futures_util::future::join(
-                self.stdout.read_to_string(&mut out),
-                stderr.read_to_string(&mut err),
-            )
-            .await;
-            o.expect("read the child's stdout");
-            e.expect("read the child's stderr");
-            self.child.status().await.expect("the child's exit status")
-        })
-        .await
-        .expect("the proxy process ends within WAIT");
-        assert!(
-            status.success() && out.contains(" 1 passed"),
-            "the proxy process failed ({status}):\n{out}\n{err}"
-        );
-    }
+/// The proxy on `rt` in front of `upstream`, in a child process of its own.
+async fn proxy_process(rt: Runtime, upstream: SocketAddr) -> child::Child {
+    child::Child::spawn(
+        "proxy_child_process",
+        &[
+            (CHILD_RUNTIME_ENV, format!("{rt:?}")),
+            (CHILD_UPSTREAM_ENV, upstream.to_string()),
+        ],
+    )
+    .await
 }
 
 /// Hop-by-hop request headers (fixed ones and those named in Connection) never reach the
