@@ -523,6 +523,26 @@ async fn tls_origin_logged(
     (addr, accepted, heads)
 }
 
+/// A proxy whose one upstream is the TLS `origin`, reached as `name` and verified against
+/// `ca` (TLS profile `secure`).
+fn proxy_to_tls_origin(
+    rt: Runtime,
+    origin: SocketAddr,
+    name: &str,
+    ca: &Ca,
+) -> switchyard_tests::ProxyHandle {
+    let client =
+        ClientTls::with_ca(Verify::Roots, vec![("ca.pem".into(), ca.der())]).expect("client TLS");
+    start_proxy_with(
+        rt,
+        tls_upstream_config(origin, name),
+        ProxyOptions {
+            tls_clients: vec![("secure".into(), client)],
+            ..ProxyOptions::default()
+        },
+    )
+}
+
 fn tls_upstream_config(origin: SocketAddr, name: &str) -> Config {
     let peer = Peer::new(&origin.ip().to_string(), origin.port()).with_tls(TlsTarget {
         server_name: Arc::from(name),
@@ -544,16 +564,7 @@ async fn plain_get(addr: SocketAddr) -> String {
 async fn upstream_tls_verifies_and_reuses_connections(rt: Runtime) {
     let ca = Ca::new("upstream CA");
     let (origin, accepted) = tls_origin(&ca.leaf(&["backend.test"])).await;
-    let client =
-        ClientTls::with_ca(Verify::Roots, vec![("ca.pem".into(), ca.der())]).expect("client TLS");
-    let proxy = start_proxy_with(
-        rt,
-        tls_upstream_config(origin, "backend.test"),
-        ProxyOptions {
-            tls_clients: vec![("secure".into(), client)],
-            ..ProxyOptions::default()
-        },
-    );
+    let proxy = proxy_to_tls_origin(rt, origin, "backend.test", &ca);
     for _ in 0..3 {
         let response = plain_get(proxy.addr).await;
         assert_eq!(
@@ -591,16 +602,7 @@ async fn upstream_tls_with_the_wrong_ca_is_a_502(rt: Runtime) {
     let real = Ca::new("real CA");
     let other = Ca::new("another CA");
     let (origin, accepted) = tls_origin(&real.leaf(&["backend.test"])).await;
-    let client = ClientTls::with_ca(Verify::Roots, vec![("other.pem".into(), other.der())])
-        .expect("client TLS");
-    let proxy = start_proxy_with(
-        rt,
-        tls_upstream_config(origin, "backend.test"),
-        ProxyOptions {
-            tls_clients: vec![("secure".into(), client)],
-            ..ProxyOptions::default()
-        },
-    );
+    let proxy = proxy_to_tls_origin(rt, origin, "backend.test", &other);
     let response = plain_get(proxy.addr).await;
     assert!(response.starts_with("HTTP/1.1 502 "), "{response}");
     assert_eq!(
@@ -616,16 +618,7 @@ async fn upstream_tls_with_the_wrong_ca_is_a_502(rt: Runtime) {
         logs[0].upstream_failures
     );
     // A wrong name fails the same way, with the right CA.
-    let client =
-        ClientTls::with_ca(Verify::Roots, vec![("ca.pem".into(), real.der())]).expect("client TLS");
-    let proxy2 = start_proxy_with(
-        rt,
-        tls_upstream_config(origin, "elsewhere.test"),
-        ProxyOptions {
-            tls_clients: vec![("secure".into(), client)],
-            ..ProxyOptions::default()
-        },
-    );
+    let proxy2 = proxy_to_tls_origin(rt, origin, "elsewhere.test", &real);
     let response = plain_get(proxy2.addr).await;
     assert!(response.starts_with("HTTP/1.1 502 "), "{response}");
     proxy.stop();
