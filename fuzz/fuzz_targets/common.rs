@@ -189,7 +189,7 @@ impl Harness {
                     self.upstream_head.clear();
                     self.unacked[1] = 0;
                 }
-                Output::Close { side } => {
+                Output::Close { side, .. } => {
                     self.closed[index(side)] = true;
                     if side == Side::Upstream {
                         self.connected = false;

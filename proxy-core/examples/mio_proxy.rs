@@ -152,7 +152,7 @@ impl Conn {
                     }
                 }
             }
-            Output::Close { side } => self.close(registry, side),
+            Output::Close { side, .. } => self.close(registry, side),
             // No pool in this example: a reusable connection is closed like any other.
             Output::ReleaseUpstream { .. } => self.close(registry, Side::Upstream),
             Output::Event(event) => log_event(&event),

@@ -224,10 +224,14 @@ pub enum Output {
         /// The side to half-close.
         side: Side,
     },
-    /// Close the side's socket now. After `Close { side: Client }` the session is over.
+    /// Close the side's socket now. After `Close { side: Client, .. }` the session is over.
     Close {
         /// The side to close.
         side: Side,
+        /// What was sent to this side is cut short (a response the upstream broke off): an
+        /// adapter with a closing handshake of its own (TLS's close_notify) must not say the
+        /// end is clean.
+        abort: bool,
     },
     /// The exchange on the current upstream connection is over and the session no longer owns
     /// it. If `reusable`, the adapter may keep it in its idle pool for another request to the

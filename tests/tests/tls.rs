@@ -36,6 +36,8 @@ runtime_tests!(
     upstream_tls_with_the_wrong_ca_is_a_502,
     health_checks_speak_tls_and_mark_a_bad_certificate_down,
     large_bodies_both_ways_and_a_close_after_the_last_byte,
+    a_cut_response_ends_without_close_notify,
+    an_upstream_tls_close_without_close_notify_is_a_cut,
 );
 
 /// A throwaway certificate authority.
@@ -797,4 +799,169 @@ async fn large_bodies_both_ways_and_a_close_after_the_last_byte(rt: Runtime) {
         "the body arrived unchanged"
     );
     proxy.stop();
+}
+
+/// An origin that answers one request with `head` and `body`, then, once told (or once the
+/// sender is dropped), ends the connection: with a FIN (`reset: false`) or a reset.
+async fn ending_origin(
+    head: &'static str,
+    body: usize,
+    reset: bool,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (end, ended) = tokio::sync::oneshot::channel::<()>();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let mut reply = head.as_bytes().to_vec();
+        reply.extend(std::iter::repeat_n(b'b', body));
+        let _ = tcp.write_all(&reply).await;
+        let _ = ended.await;
+        if reset {
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        }
+        drop(tcp);
+    });
+    (addr, end)
+}
+
+/// Reads to the end: the bytes, and whether the end was clean (close_notify).
+async fn read_all(tls: &mut Tls) -> (Vec<u8>, std::io::Result<usize>) {
+    let mut out = Vec::new();
+    let end = tokio::time::timeout(WAIT, tls.read_to_end(&mut out))
+        .await
+        .expect("the end within WAIT");
+    (out, end)
+}
+
+/// A response the upstream breaks off reaches the client without close_notify, so its TLS
+/// reports the truncation; one that ends where it should (a body delimited by the close) ends
+/// with close_notify.
+async fn a_cut_response_ends_without_close_notify(rt: Runtime) {
+    let ca = Ca::new("cut CA");
+    let leaf = ca.leaf(&["cut.test"]);
+    let get = b"GET / HTTP/1.1\r\nHost: cut.test\r\n\r\n";
+    let tls_on = |leaf: &(String, String)| ProxyOptions {
+        tls_listener: Some(server_tls(std::slice::from_ref(leaf))),
+        ..ProxyOptions::default()
+    };
+    // Content-Length promises more than comes; the upstream resets once the start of the
+    // response has reached the client.
+    let head = "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
+    let (origin, end) = ending_origin(head, 1000, true).await;
+    let proxy = start_proxy_with(rt, config_for(&[origin]), tls_on(&leaf));
+    let mut tls = tls_connect(&ca.client(), proxy.addr, "cut.test").await;
+    tls.write_all(get).await.expect("request");
+    let mut first = [0u8; 17];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut first))
+        .await
+        .expect("the head within WAIT")
+        .expect("the head");
+    assert_eq!(&first, b"HTTP/1.1 200 OK\r\n");
+    let _ = end.send(());
+    let (got, end) = read_all(&mut tls).await;
+    assert!(got.len() < 100_000, "the body was cut");
+    assert_eq!(
+        end.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::UnexpectedEof),
+        "no close_notify after a cut response"
+    );
+    proxy.stop();
+    // A body delimited by the close, ended by a FIN: complete, and said to be.
+    let head = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+    let (origin, end) = ending_origin(head, 5000, false).await;
+    drop(end);
+    let proxy = start_proxy_with(rt, config_for(&[origin]), tls_on(&leaf));
+    let mut tls = tls_connect(&ca.client(), proxy.addr, "cut.test").await;
+    tls.write_all(get).await.expect("request");
+    let (got, end) = read_all(&mut tls).await;
+    assert!(got.ends_with(&[b'b'; 5000]), "the whole body");
+    assert!(end.is_ok(), "a clean end says so: {end:?}");
+    proxy.stop();
+}
+
+/// A TLS upstream whose body ends at its close: with close_notify the body is complete; a TCP
+/// close without one (what an attacker on the path can forge) is a cut, passed on as one.
+async fn an_upstream_tls_close_without_close_notify_is_a_cut(rt: Runtime) {
+    let ca = Ca::new("upstream cut CA");
+    let leaf = ca.leaf(&["backend.test"]);
+    for clean in [true, false] {
+        let chain = vec![CertificateDer::from_pem_slice(leaf.0.as_bytes()).expect("cert")];
+        let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).expect("key");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("origin certificate");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let origin = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let mut reply = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+            reply.extend([b'u'; 3000]);
+            let _ = tls.write_all(&reply).await;
+            let _ = tls.flush().await;
+            if clean {
+                let _ = tls.shutdown().await;
+            } else {
+                // The TCP connection ends under the TLS session: no close_notify.
+                let (mut tcp, _) = tls.into_inner();
+                let _ = tcp.shutdown().await;
+            }
+        });
+        let proxy = proxy_to_tls_origin(rt, origin, "backend.test", &ca);
+        let response = switchyard_tests::origin::raw_exchange(
+            proxy.addr,
+            b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            |_| false,
+        )
+        .await;
+        let text = String::from_utf8_lossy(&response);
+        let logs = proxy.events.wait_for(1);
+        if clean {
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.ends_with(&"u".repeat(3000)), "{text}");
+            assert_eq!(
+                logs[0].close,
+                Some(proxy_core::CloseReason::Completed),
+                "a complete exchange"
+            );
+        } else {
+            assert_eq!(
+                logs[0].close,
+                Some(proxy_core::CloseReason::UpstreamReset),
+                "logged as cut"
+            );
+            // The client's connection is closed as cut (how much it saw depends on whether the
+            // cut came in the same read as the response; a TLS client gets no close_notify,
+            // see `a_cut_response_ends_without_close_notify`).
+        }
+        proxy.stop();
+    }
 }

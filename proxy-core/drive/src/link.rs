@@ -83,6 +83,13 @@ impl Outbox {
     }
 }
 
+/// A connection that may have to be told, before it is dropped, that its end is not clean
+/// (TLS then sends no close_notify).
+pub(crate) trait Abort {
+    /// What was sent is cut short.
+    fn abort(&mut self);
+}
+
 /// A session, its sockets and their write queues.
 pub(crate) struct Link<S> {
     session: Session,
@@ -150,7 +157,10 @@ impl<S> Link<S> {
 
     /// Applies the session's outputs until one needs the runtime. `Send`s only queue bytes, so
     /// they never surface. Call until `None` after every other method.
-    pub(crate) fn next_action(&mut self) -> Option<Action<S>> {
+    pub(crate) fn next_action(&mut self) -> Option<Action<S>>
+    where
+        S: Abort,
+    {
         while let Some(out) = self.session.poll_output() {
             match out {
                 Output::Send { to, bytes } => self.queues[index(to)].push(bytes),
@@ -168,7 +178,12 @@ impl<S> Link<S> {
                     });
                 }
                 Output::ShutdownWrite { side } => return Some(Action::ShutdownWrite(side)),
-                Output::Close { side } => {
+                Output::Close { side, abort } => {
+                    if abort {
+                        if let Some(socket) = self.sockets[index(side)].as_mut() {
+                            socket.abort();
+                        }
+                    }
                     self.drop_side(side);
                     return Some(Action::Closed(side));
                 }
@@ -309,6 +324,10 @@ mod tests {
     use super::*;
     use proxy_core::{Balancer, Config, PeerInfo, UpstreamGroup};
     use std::sync::Arc;
+
+    impl Abort for &'static str {
+        fn abort(&mut self) {}
+    }
 
     fn link() -> (Link<&'static str>, Instant) {
         let config = Arc::new(Config::new(UpstreamGroup::new(vec![Peer::new(

@@ -533,6 +533,8 @@ pub(crate) struct TlsStream<S: Socket> {
     buffered: bool,
     /// A close_notify was queued; FIN follows once everything is written.
     shut_pending: bool,
+    /// What was sent is cut short: no close_notify when dropped.
+    aborted: bool,
     /// For an upstream connection, the generation of the client settings it was verified
     /// under (see [`TlsSettings`]).
     generation: u64,
@@ -565,6 +567,7 @@ impl<S: Socket> TlsStream<S> {
             unreported: 0,
             buffered: false,
             shut_pending: false,
+            aborted: false,
             generation: 0,
         }
     }
@@ -707,9 +710,14 @@ impl<S: Socket> TlsStream<S> {
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // A TCP close without close_notify: an end like any other here. HTTP
-                    // framing (or the WebSocket closing handshake) tells a cut from a finish.
+                    // A TCP close without close_notify. From a client, an end like any other
+                    // (many never send one; HTTP framing or the WebSocket closing handshake tells
+                    // a cut from a finish). From an upstream, a cut: a body that ends at the
+                    // close must not be taken as complete when an attacker could have cut it.
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        if matches!(self.conn, Connection::Client(_)) && filled == 0 {
+                            return Err(e);
+                        }
                         eof = true;
                         break;
                     }
@@ -795,8 +803,9 @@ impl<S: Socket> Drop for TlsStream<S> {
     fn drop(&mut self) {
         // Closing without a word would look like a truncation to a strict peer: send the
         // close_notify if the socket takes it at once (it is never waited for). Once one was
-        // sent (a half-close), rustls queues nothing more and nothing is written.
-        if !self.conn.is_handshaking() {
+        // sent (a half-close), rustls queues nothing more and nothing is written. A cut-short
+        // stream ends without one, so the peer's TLS reports the truncation.
+        if !self.conn.is_handshaking() && !self.aborted {
             self.conn.send_close_notify();
             if self.conn.wants_write() {
                 let _ = self.write_tls();
@@ -872,6 +881,14 @@ impl<S: Socket> std::os::fd::AsFd for Stream<S> {
 impl<S: Socket> std::os::windows::io::AsSocket for Stream<S> {
     fn as_socket(&self) -> std::os::windows::io::BorrowedSocket<'_> {
         self.socket().as_socket()
+    }
+}
+
+impl<S: Socket> crate::link::Abort for Stream<S> {
+    fn abort(&mut self) {
+        if let Stream::Tls(t) = self {
+            t.aborted = true;
+        }
     }
 }
 

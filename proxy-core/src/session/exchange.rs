@@ -522,6 +522,7 @@ impl Exchange {
                     self.upstream = None;
                     cx.outputs.push_back(Output::Close {
                         side: Side::Upstream,
+                        abort: false,
                     });
                     cx.in_flight[Side::Upstream.index()] = 0;
                     cx.timers.stop(Timer::SendUpstream);

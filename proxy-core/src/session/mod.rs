@@ -611,6 +611,8 @@ impl Session {
     /// first; other states have nothing left to log.
     fn close(&mut self, reason: CloseReason) {
         let state = self.take_state();
+        // A response still in progress is cut short; anything else ends where it should.
+        let abort = matches!(state, State::Exchange(_));
         let cx = &mut self.cx;
         match state {
             State::Done => return,
@@ -624,7 +626,10 @@ impl Session {
             State::Tunnel(t) => t.close(cx, reason),
             State::Idle(_) | State::Closing | State::Lingering => {}
         }
-        cx.outputs.push_back(Output::Close { side: Side::Client });
+        cx.outputs.push_back(Output::Close {
+            side: Side::Client,
+            abort,
+        });
         cx.timers.stop_all();
         cx.rx.clear();
         cx.rx_len = 0;
@@ -871,6 +876,7 @@ impl Conn {
             } else {
                 Output::Close {
                     side: Side::Upstream,
+                    abort: false,
                 }
             });
         }
@@ -882,6 +888,7 @@ impl Conn {
         self.balancer.release(up.group, up.server);
         self.outputs.push_back(Output::Close {
             side: Side::Upstream,
+            abort: false,
         });
     }
 

@@ -145,7 +145,7 @@ impl Sim {
                     self.actions.push(Action::Connect { id, allow_pooled });
                 }
                 Output::ShutdownWrite { side } => self.actions.push(Action::ShutdownWrite(side)),
-                Output::Close { side } => self.actions.push(Action::Close(side)),
+                Output::Close { side, .. } => self.actions.push(Action::Close(side)),
                 Output::ReleaseUpstream { id, reusable } => {
                     self.actions.push(Action::Release { id, reusable })
                 }
