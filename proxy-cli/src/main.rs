@@ -398,12 +398,6 @@ fn serve(
         RuntimeKind::Tokio => "tokio",
         RuntimeKind::Smol => "smol",
     };
-    tracing::info!(
-        "switchyard listening on {} -> {} (runtime {runtime}, {workers} worker{})",
-        addrs.join(", "),
-        peers.join(", "),
-        if workers == 1 { "" } else { "s" }
-    );
     let shutdown = proxy_tokio::Shutdown::new();
     let on_hup = reload_from.map(|(path, flags)| {
         reload::handler(
@@ -415,6 +409,14 @@ fn serve(
         )
     });
     signals::install(shutdown.clone(), settings.drain_timeout, on_hup)?;
+    // Ready only once the signals are handled: a TERM right after this line must drain, not
+    // kill with the default action.
+    tracing::info!(
+        "switchyard listening on {} -> {} (runtime {runtime}, {workers} worker{})",
+        addrs.join(", "),
+        peers.join(", "),
+        if workers == 1 { "" } else { "s" }
+    );
     if let (Some(listener), Some(m)) = (metrics_listener, metrics) {
         let at = listener
             .local_addr()
