@@ -460,6 +460,20 @@ async fn handshakes_over_the_limit_are_refused(rt: Runtime) {
     proxy.stop();
 }
 
+/// The TLS side of a test origin presenting `leaf` (PEM certificate and key).
+fn origin_acceptor(leaf: &(String, String)) -> TlsAcceptor {
+    let chain = vec![CertificateDer::from_pem_slice(leaf.0.as_bytes()).expect("cert")];
+    let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("origin certificate");
+    TlsAcceptor::from(Arc::new(config))
+}
+
 /// A TLS HTTP/1.1 origin presenting `leaf`: answers `200 secure` to every request, keeping the
 /// connection alive; counts TLS connections accepted.
 async fn tls_origin(leaf: &(String, String)) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -475,16 +489,7 @@ async fn tls_origin_logged(
     Arc<AtomicUsize>,
     Arc<std::sync::Mutex<Vec<String>>>,
 ) {
-    let chain = vec![CertificateDer::from_pem_slice(leaf.0.as_bytes()).expect("cert")];
-    let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).expect("key");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("origin certificate");
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let acceptor = origin_acceptor(leaf);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -896,16 +901,7 @@ async fn an_upstream_tls_close_without_close_notify_is_a_cut(rt: Runtime) {
     let ca = Ca::new("upstream cut CA");
     let leaf = ca.leaf(&["backend.test"]);
     for clean in [true, false] {
-        let chain = vec![CertificateDer::from_pem_slice(leaf.0.as_bytes()).expect("cert")];
-        let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).expect("key");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("origin certificate");
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = origin_acceptor(&leaf);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let origin = listener.local_addr().expect("addr");
         tokio::spawn(async move {
